@@ -1,0 +1,1 @@
+"""The data-plane worker process: listeners, proxies and their connection pools."""

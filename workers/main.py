@@ -1,0 +1,53 @@
+"""Worker process entry point: `python -m workers --index N --runtime-dir DIR`.
+
+Started by the supervisor with spawn/exec (never a plain fork: the supervisor may hold gRPC
+state, which is not fork-safe). The worker reads the same environment as the supervisor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+import uvloop
+
+from workers.worker import Endpoints, Worker
+from ztunnel.core import ipc
+from ztunnel.core.config import Config
+from ztunnel.core.errors import ConfigError
+from ztunnel.telemetry import configure_logging
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """If the supervisor dies without draining us, drain and exit rather than linger."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ztunnel-worker")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--runtime-dir", required=True)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    try:
+        config = Config.from_env(os.environ, cpu_count=os.cpu_count() or 1)
+    except ConfigError as e:
+        print(f"worker {args.index}: {e}", file=sys.stderr)
+        return ipc.EXIT_BOOT_ERROR
+    logs = configure_logging(config.log_format, config.log_level, f"worker{args.index}")
+    worker = Worker(config, args.index, Endpoints.in_dir(args.runtime_dir), logs)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        code = runner.run(worker.run())
+    logging.shutdown()
+    return code

@@ -1,0 +1,232 @@
+"""The worker process: state follower, listeners, heartbeats, drain.
+
+A worker binds its own SO_REUSEPORT listeners (the kernel spreads connections across
+workers), follows the supervisor's state with the Clone pattern, and never blocks on the
+supervisor on the data path: it serves from the last state it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from workers.metrics import WorkerMetrics
+from workers.proxy import Proxy
+from workers.tasks import TaskSet
+from workers.tracking import ConnectionTracker
+from ztunnel import sockets
+from ztunnel.core import ipc
+from ztunnel.core.config import Config
+from ztunnel.core.errors import SchemaMismatch
+from ztunnel.core.state import ProxyState
+from ztunnel.telemetry import LogControl
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 1.0  # seconds; also the metrics push period
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """The supervisor's ZeroMQ endpoints (ipc:// in a 0700 runtime directory)."""
+
+    pub: str
+    router: str
+
+    @classmethod
+    def in_dir(cls, runtime_dir: str) -> Endpoints:
+        return cls(
+            pub=f"ipc://{runtime_dir}/state.pub", router=f"ipc://{runtime_dir}/control.router"
+        )
+
+
+class Worker:
+    def __init__(self, config: Config, index: int, endpoints: Endpoints, logs: LogControl) -> None:
+        self.config = config
+        self.index = index
+        self.endpoints = endpoints
+        self.logs = logs
+        self.state = ProxyState.empty(config.node_name)
+        self.follower = ipc.CloneFollower()
+        self.metrics = WorkerMetrics()
+        self.tracker = ConnectionTracker(self.metrics)
+        self.tasks = TaskSet()
+        self.servers: list[asyncio.Server] = []
+        self.listening = False
+        self._stop = asyncio.Event()
+        self._exit_code = ipc.EXIT_OK
+        self._ctx = zmq.asyncio.Context()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._dealer = self._ctx.socket(zmq.DEALER)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        self._connect_channel()
+        try:
+            await self._bind_listeners()
+        except sockets.BindError as e:
+            log.error("worker %d: %s", self.index, e.strerror)
+            self._close_channel()
+            return ipc.EXIT_BOOT_ERROR
+        self._send(ipc.Hello(index=self.index, pid=os.getpid()))
+        self.tasks.spawn(self._recv_loop(self._sub, self._on_pub), name="state-sub")
+        self.tasks.spawn(self._recv_loop(self._dealer, self._on_direct), name="control")
+        self.tasks.spawn(self._heartbeat(), name="heartbeat")
+        await self._stop.wait()
+        if self._exit_code == ipc.EXIT_OK:
+            await self._drain()
+        await self.tasks.cancel_all()
+        self._send(self._metrics_push(final=True))
+        self._close_channel()
+        return self._exit_code
+
+    def _connect_channel(self) -> None:
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(self.endpoints.pub)
+        self._dealer.setsockopt(zmq.IDENTITY, f"w{self.index}-{os.getpid()}".encode())
+        self._dealer.connect(self.endpoints.router)
+
+    def _close_channel(self) -> None:
+        self._sub.close(linger=0)
+        self._dealer.close(linger=2000)  # let the final metrics push leave
+        self._ctx.term()
+
+    async def _drain(self) -> None:
+        """Stop accepting; let connections finish until the deadline; then cut them."""
+        for server in self.servers:
+            server.close()
+        try:
+            async with asyncio.timeout(self.config.termination_deadline):
+                await self.tracker.wait_empty()
+        except TimeoutError:
+            log.info(
+                "worker %d: drain deadline reached, closing %d connections",
+                self.index,
+                len(self.tracker),
+            )
+        for conn in self.tracker:
+            conn.error = conn.error or "connection closed due to connection drain"
+            conn.relay.abort()
+        await asyncio.sleep(0.05)  # let connection_lost callbacks account the aborted ones
+
+    # -- listeners ----------------------------------------------------------------------------
+
+    async def _bind_listeners(self) -> None:
+        info = self.config.workload_info
+        if not self.config.enable_proxy or info is None:
+            return
+        proxy = Proxy(self.config, info, lambda: self.state, self.tracker, self.tasks)
+        any_addr, cfg = self.config.bind_any, self.config
+        await self._serve(any_addr, cfg.outbound_port, proxy.outbound_protocol)
+        await self._serve(any_addr, cfg.inbound_plaintext_port, proxy.inbound_plaintext_protocol)
+        await self._serve(any_addr, cfg.inbound_port, _RefuseProtocol)
+        if cfg.socks5_enabled:
+            await self._serve("127.0.0.1", cfg.socks5_port, proxy.socks5_protocol)
+
+    async def _serve(
+        self, host: str, port: int, factory: Callable[[], asyncio.BaseProtocol]
+    ) -> None:
+        sock = sockets.bind_listener(host, port)
+        loop = asyncio.get_running_loop()
+        # Bound now, accepting after the first snapshot: early connections wait in the backlog.
+        server = await loop.create_server(factory, sock=sock, start_serving=False)
+        self.servers.append(server)
+
+    async def _start_serving(self) -> None:
+        for server in self.servers:
+            await server.start_serving()
+        self.listening = True
+
+    # -- state channel ------------------------------------------------------------------------
+
+    async def _recv_loop(
+        self, sock: zmq.asyncio.Socket, handle: Callable[[ipc.ToWorker], None]
+    ) -> None:
+        while True:
+            data = await sock.recv()
+            try:
+                msg = ipc.decode_to_worker(data)
+            except SchemaMismatch as e:
+                log.error("worker %d: %s; exiting", self.index, e)
+                self._exit_code = ipc.EXIT_SCHEMA_MISMATCH
+                self._stop.set()
+                return
+            except msgspec.DecodeError as e:
+                log.error(
+                    "worker %d: undecodable message from supervisor dropped: %s", self.index, e
+                )
+                continue
+            handle(msg)
+
+    def _on_pub(self, msg: ipc.ToWorker) -> None:
+        if not isinstance(msg, ipc.Published):
+            return
+        verdict = self.follower.on_published(msg)
+        if verdict is ipc.Verdict.APPLY:
+            self._apply(msg.payload)
+            self._ack()
+        elif verdict is ipc.Verdict.RESYNC:
+            log.info("worker %d: gap at seq %d, asking for a snapshot", self.index, msg.seq)
+            self._send(ipc.ResyncRequest(have_seq=self.follower.seq or 0))
+
+    def _on_direct(self, msg: ipc.ToWorker) -> None:
+        if not isinstance(msg, ipc.Snapshot):
+            return
+        first = self.follower.seq is None
+        ready = self.follower.on_snapshot(msg)
+        self.state = ProxyState.from_snapshot(msg.state, self.config.node_name)
+        if msg.log_spec != self.logs.current():
+            self.logs.set(msg.log_spec)
+        for published in ready:
+            self._apply(published.payload)
+        if self.follower.resyncing:
+            self._send(ipc.ResyncRequest(have_seq=self.follower.seq or 0))
+        if first:
+            self.tasks.spawn(self._start_serving(), name="start-serving")
+        self._ack()
+
+    def _apply(self, payload: ipc.Payload) -> None:
+        if isinstance(payload, ipc.StateChanged):
+            self.state = self.state.apply(payload.delta)
+        elif isinstance(payload, ipc.LogLevelChanged):
+            self.logs.set(payload.spec)
+
+    def _ack(self) -> None:
+        if self.follower.seq is not None:
+            self._send(ipc.Ack(seq=self.follower.seq, listening=self.listening))
+
+    def _send(self, msg: ipc.FromWorker) -> None:
+        try:
+            self._dealer.send(ipc.encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("worker %d: supervisor channel full, message dropped", self.index)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            self._ack()
+            self._send(self._metrics_push())
+
+    def _metrics_push(self, *, final: bool = False) -> ipc.MetricsPush:
+        self.tracker.fold_live_bytes()
+        return self.metrics.take_push(final=final)
+
+
+class _RefuseProtocol(asyncio.Protocol):
+    """15008 is bound so the port is ours; HBONE termination is not served by this build."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).abort()

@@ -1,0 +1,1 @@
+"""The supervisor process: control plane clients, admin runtime, worker management."""

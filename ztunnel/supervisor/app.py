@@ -1,0 +1,261 @@
+"""The supervisor: owns the authoritative state and the admin runtime, runs the workers.
+
+Start order matters: ports are checked and the admin/stats/readiness servers bound first
+(a port in use is a fatal start error), then workers are spawned (before any gRPC channel
+could exist), then state sources start. Shutdown: stop taking new work, drain the workers
+within the deadline, close the servers, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable
+
+from ztunnel.core import ipc
+from ztunnel.core.config import Config
+from ztunnel.core.errors import ConfigError, ZtunnelError
+from ztunnel.core.model import StateDelta
+from ztunnel.core.state import ProxyState
+from ztunnel.sockets import BindError, probe_port_free
+from ztunnel.supervisor import configdump
+from ztunnel.supervisor.admin import admin_routes
+from ztunnel.supervisor.aggregate import WorkerMetricsCollector
+from ztunnel.supervisor.arbiter import Arbiter
+from ztunnel.supervisor.channel import StateChannel
+from ztunnel.supervisor.http import HTTPServer
+from ztunnel.supervisor.localsource import LocalSource
+from ztunnel.supervisor.metrics import build_registry, metrics_routes
+from ztunnel.supervisor.readiness import Readiness, readiness_routes
+from ztunnel.telemetry import LogControl
+from ztunnel.version import BuildInfo
+
+log = logging.getLogger(__name__)
+
+READY_PROXY = "proxy"
+READY_STATE = "state manager"
+EXIT_GRACE = 2.0  # seconds past the drain deadline before workers are killed
+
+
+class StartError(ZtunnelError):
+    """A fatal start-up problem, reported as one clear line and exit status 1."""
+
+    reason = "start"
+
+
+class StateStore:
+    """The authoritative state plus the Clone publisher that versions it."""
+
+    def __init__(self, local_node: str | None, log_spec: Callable[[], str]) -> None:
+        self.state = ProxyState.empty(local_node)
+        self.publisher = ipc.ClonePublisher()
+        self.channel: StateChannel | None = None
+        self._log_spec = log_spec
+
+    def apply(self, delta: StateDelta) -> None:
+        if delta.is_empty():
+            return
+        self.state = self.state.apply(delta)
+        self.publish(ipc.StateChanged(delta=delta))
+
+    def publish(self, payload: ipc.Payload) -> None:
+        msg = self.publisher.next(payload)
+        if self.channel is not None:
+            self.channel.publish(msg)
+
+    def snapshot(self) -> ipc.Snapshot:
+        return ipc.Snapshot(
+            seq=self.publisher.seq, state=self.state.to_snapshot(), log_spec=self._log_spec()
+        )
+
+
+class Supervisor:
+    def __init__(self, config: Config, logs: LogControl) -> None:
+        self.config = config
+        self.logs = logs
+        self.readiness = Readiness()
+        self.store = StateStore(config.node_name, logs.current)
+        self.collector = WorkerMetricsCollector()
+        self.runtime_dir = tempfile.mkdtemp(prefix="ztunnel-")  # mkdtemp creates it 0700
+        self.arbiter: Arbiter | None = None
+        self.servers: list[HTTPServer] = []
+        self.local = LocalSource(config)
+        self._stop = asyncio.Event()
+        self._fatal: str | None = None
+        self._snapshot_cache: tuple[int, ipc.Snapshot] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        try:
+            await self._start()
+        except (StartError, ConfigError, BindError, OSError) as e:
+            log.error("failed to start: %s", _describe(e))
+            await self._shutdown(grace=EXIT_GRACE)
+            return 1
+        self._install_signals()
+        await self._stop.wait()
+        await self._shutdown(grace=self.config.termination_deadline + EXIT_GRACE)
+        if self._fatal is not None:
+            log.error("%s", self._fatal)
+            return 1
+        log.info("shutdown complete")
+        return 0
+
+    async def _start(self) -> None:
+        self._check_supported()
+        self.readiness.register(READY_STATE)
+        self.readiness.register(READY_PROXY)
+        self._probe_data_plane_ports()
+        await self._start_http()
+        self.store.channel = StateChannel(self.runtime_dir)
+        self.arbiter = Arbiter(
+            self.config.workers,
+            runtime_dir=self.runtime_dir,
+            channel=self.store.channel,
+            snapshot=self._snapshot,
+            collector=self.collector,
+            on_fatal=self._on_fatal,
+        )
+        log.info(
+            "starting %d worker processes (%s)", self.config.workers, self.config.workers_source
+        )
+        await self.arbiter.start()
+        self.store.apply(self.local.load())
+        self.readiness.mark_ready(READY_STATE)
+        asyncio.get_running_loop().create_task(self._watch_readiness(), name="readiness")
+
+    def _check_supported(self) -> None:
+        cfg = self.config
+        if cfg.xds_address is not None:
+            raise StartError(
+                f"XDS_ADDRESS={cfg.xds_address}: this build has no xDS client yet; "
+                "set XDS_ADDRESS= (empty) and provide LOCAL_XDS_PATH or LOCAL_XDS"
+            )
+        if cfg.proxy_mode == "shared":
+            raise StartError(
+                "PROXY_MODE=shared (in-pod mode) needs the istio-cni ZDS client, which this "
+                "build does not have yet; use PROXY_MODE=dedicated with PROXY_WORKLOAD_INFO"
+            )
+
+    def _probe_data_plane_ports(self) -> None:
+        cfg = self.config
+        if not cfg.enable_proxy:
+            return
+        for port in (cfg.outbound_port, cfg.inbound_plaintext_port, cfg.inbound_port):
+            probe_port_free(cfg.bind_any, port)
+        if cfg.socks5_enabled:
+            probe_port_free("127.0.0.1", cfg.socks5_port)
+
+    async def _start_http(self) -> None:
+        cfg = self.config
+        registry = build_registry(cfg.istio_version, pids=self._pids)
+        registry.register(self.collector)
+        admin = HTTPServer(
+            admin_routes(
+                config_dump=self._config_dump, log_control=self.logs, on_quit=self.request_stop
+            ),
+            "admin",
+        )
+        stats = HTTPServer(metrics_routes(registry), "stats")
+        ready = HTTPServer(readiness_routes(self.readiness), "readiness")
+        for server, host, port in (
+            (admin, _localhosts(cfg.ipv6_enabled), cfg.admin_port),
+            (stats, _any_hosts(cfg.ipv6_enabled), cfg.stats_port),
+            (ready, _any_hosts(cfg.ipv6_enabled), cfg.readiness_port),
+        ):
+            self.servers.append(server)
+            try:
+                await server.start(host, port)
+            except OSError as e:
+                raise StartError(
+                    f"failed to bind {server.name} server on port {port}: {e.strerror}"
+                ) from e
+
+    async def _shutdown(self, grace: float) -> None:
+        if self.arbiter is not None:
+            await self.arbiter.stop(grace)
+        for server in self.servers:
+            await server.close(grace=1.0)
+        if self.store.channel is not None:
+            self.store.channel.close()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self) -> None:
+        if self._stop.is_set():
+            log.warning("Double Ctrl+C, exiting immediately")
+            os._exit(0)
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info(
+                "received shutdown request, draining for up to %.1fs",
+                self.config.termination_deadline,
+            )
+            self._stop.set()
+
+    def _on_fatal(self, reason: str) -> None:
+        self._fatal = self._fatal or reason
+        self._stop.set()
+
+    # -- readiness, state, admin ----------------------------------------------------------------
+
+    async def _watch_readiness(self) -> None:
+        assert self.arbiter is not None
+        while not self._stop.is_set():
+            if self.arbiter.all_current(self.store.publisher.seq):
+                self.readiness.mark_ready(READY_PROXY)
+            else:
+                self.readiness.rearm(READY_PROXY)
+            await asyncio.sleep(0.1)
+
+    def _snapshot(self) -> ipc.Snapshot:
+        seq = self.store.publisher.seq
+        if self._snapshot_cache is None or self._snapshot_cache[0] != seq:
+            self._snapshot_cache = (seq, self.store.snapshot())
+        return self._snapshot_cache[1]
+
+    def _pids(self) -> list[int]:
+        return [os.getpid(), *(self.arbiter.pids() if self.arbiter else ())]
+
+    def _config_dump(self) -> dict[str, object]:
+        return configdump.build(
+            self.store.state,
+            static=self.local.reread(),
+            build=BuildInfo.current(),
+            config=self.config,
+        )
+
+
+def _localhosts(ipv6: bool) -> list[str]:
+    return ["127.0.0.1", "::1"] if ipv6 and _ipv6_localhost() else ["127.0.0.1"]
+
+
+def _any_hosts(ipv6: bool) -> list[str]:
+    """Wildcard binds: asyncio makes `::` IPv6-only, so IPv4 is bound separately."""
+    return ["0.0.0.0", "::"] if ipv6 and os.path.exists("/proc/net/if_inet6") else ["0.0.0.0"]
+
+
+def _ipv6_localhost() -> bool:
+    """`[::1]` only when IPv6 is not disabled on lo (upstream `ipv6_enabled_on_localhost`)."""
+    try:
+        with open("/proc/sys/net/ipv6/conf/lo/disable_ipv6") as f:
+            return f.read().strip() == "0"
+    except OSError:
+        return False
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
