@@ -1,186 +1,384 @@
-"""One workload's proxy inside a worker: outbound (15001), inbound plaintext (15006), SOCKS5.
+"""One workload's proxy in a worker: outbound (15001), SOCKS5 (15080), inbound plaintext (15006).
 
 Upstream's ProxyFactory builds one proxy per captured workload (one in dedicated mode, one
-per pod in shared mode); each owns its listeners and its connections. This module holds
-the glue from accepted sockets to the relay; the decisions come from `ztunnel.core`.
+per pod in shared mode); each owns its listeners, its HBONE pool and its connections. This
+module is glue: the routing plan comes from `ztunnel.core.routing`, the HTTP/2 work from
+`ztunnel.core.hbone`; here sockets are connected and handed over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from workers.relay import Relay, RelaySide
+from workers.accept import Accepted
+from workers.pool import HBONEClientProtocol, Pool, PoolError, WorkloadKey
+from workers.relay import Relay
 from workers.tasks import TaskSet
 from workers.tracking import ConnectionTracker, Tracked, log_failed
-from ztunnel import sockets
+from workers.tunnel import TunnelLeg
+from ztunnel import sockets, tls
+from ztunnel.core import hbone, routing
 from ztunnel.core import metrics as m
 from ztunnel.core.config import Config, WorkloadInfo
-from ztunnel.core.model import Service, Workload
-from ztunnel.core.socks5 import (
-    REPLY_CONNECTION_REFUSED,
-    REPLY_HOST_UNREACHABLE,
-    SUCCESS_REPLY,
-    Socks5Error,
-    Socks5Negotiation,
-    error_reply,
-)
+from ztunnel.core.ipc import WorkloadCertificate
+from ztunnel.core.model import Workload
+from ztunnel.core.socks5 import REPLY_HOST_UNREACHABLE, SUCCESS_REPLY, Socks5Target, error_reply
 from ztunnel.core.state import ProxyState
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0  # upstream CONNECTION_TIMEOUT (src/proxy.rs)
+RESPONSE_TIMEOUT = 10.0  # CONNECT sent, no response: give up on this stream
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where an accepted connection goes, and what its metrics say about it."""
+@dataclass(slots=True)
+class TunnelFlow:
+    """Byte counts of an HBONE stream in upstream's metric directions."""
 
-    ip: str
-    port: int
-    labels: m.TrafficLabels
-    dst_workload: str | None
+    leg: TunnelLeg
+    outbound: bool  # the leg is the downstream client (outbound) or the local app (inbound)
+
+    @property
+    def received(self) -> int:
+        return self.leg.bytes_to_stream if self.outbound else self.leg.bytes_from_stream
+
+    @property
+    def sent(self) -> int:
+        return self.leg.bytes_from_stream if self.outbound else self.leg.bytes_to_stream
+
+    def abort(self) -> None:
+        self.leg.abort()
 
 
 class Proxy:
-    """The proxy of one workload: creates listener protocols and owns their connections."""
+    """The proxy of one workload: listener protocols, routing, its pool and connections."""
 
     def __init__(
         self,
         config: Config,
+        *,
         info: WorkloadInfo,
         state: Callable[[], ProxyState],
+        certs: Callable[[], Mapping[str, WorkloadCertificate]],
         tracker: ConnectionTracker,
         tasks: TaskSet,
+        contexts: tls.ContextCache,
     ) -> None:
         self.config = config
         self.info = info
-        self._state = state
+        self.state = state
+        self.certs = certs
         self.tracker = tracker
         self.tasks = tasks
-
-    # -- lookups ------------------------------------------------------------------------------
+        self.contexts = contexts
+        self.pool = Pool(config, contexts)
+        self.rng = random.Random()
 
     def local_workload(self) -> Workload | None:
-        return self._state().find_by_info(
+        return self.state().find_by_info(
             self.info.name, self.info.namespace, self.info.service_account
         )
 
-    def _destination(self, ip: str, source: Workload) -> tuple[Workload | None, Service | None]:
-        state = self._state()
-        network = self.config.network
-        svc = state.best_service_by_vip(network, ip, source.namespace)
-        return state.workload_by_ip(network, ip), svc
+    def certificate(self, w: Workload) -> WorkloadCertificate | None:
+        return self.certs().get(w.identity())
 
-    # -- outbound -----------------------------------------------------------------------------
+    # -- listener protocol factories -------------------------------------------------------------
 
-    def outbound_protocol(self) -> RelaySide:
-        return self._new_relay("source", lambda r: _OutboundDownstream(r, self)).downstream
+    def outbound_protocol(self) -> Accepted:
+        return self._accepted("source", lambda acc, _: self._outbound_accepted(acc))
 
-    def socks5_protocol(self) -> RelaySide:
-        return self._new_relay("source", lambda r: _Socks5Downstream(r, self)).downstream
+    def socks5_protocol(self) -> Accepted:
+        return self._accepted("source", self._socks5_target, socks5=True)
 
-    def plan_outbound(self, src: str, dst_ip: str, dst_port: int) -> Route | str:
-        """The outbound request plan; a string is the reason to drop the connection."""
-        if sockets.is_loopback(dst_ip) and dst_port in self.config.illegal_ports:
-            return "attempted recursive call to ourselves"
-        source = self.local_workload()
-        if source is None:
-            return "failed to fetch information about local workload"
-        dst_workload, svc = self._destination(dst_ip, source)
-        # Until HBONE routing exists every destination is reached as plain TCP at the
-        # original address: upstream's passthrough for destinations outside the mesh.
-        labels = m.TrafficLabels(
-            reporter="source", source=source, destination=dst_workload, destination_service=svc
-        )
-        return Route(dst_ip, dst_port, labels, _workload_name(dst_workload))
+    def inbound_plaintext_protocol(self) -> Accepted:
+        return self._accepted("destination", lambda acc, _: self._inbound_plain_accepted(acc))
 
-    # -- inbound plaintext --------------------------------------------------------------------
-
-    def inbound_plaintext_protocol(self) -> RelaySide:
-        return self._new_relay("destination", lambda r: _InboundDownstream(r, self)).downstream
-
-    def plan_inbound_plaintext(self, src: str, dst_ip: str, dst_port: int) -> Route | str:
-        if dst_port in self.config.illegal_ports:
-            return "attempted recursive call to ourselves"
-        local = self.local_workload()
-        if local is None:
-            return "failed to fetch information about local workload"
-        state = self._state()
-        source = state.workload_by_ip(self.config.network, src)
-        svc = _guess_inbound_service(state, local, dst_port)
-        labels = m.TrafficLabels(
-            reporter="destination", source=source, destination=local, destination_service=svc
-        )
-        return Route(dst_ip, dst_port, labels, _workload_name(local))
-
-    # -- shared ---------------------------------------------------------------------------------
-
-    def _new_relay(self, reporter: m.Reporter, downstream: Callable[[Relay], RelaySide]) -> Relay:
+    def _accepted(
+        self,
+        reporter: m.Reporter,
+        on_target: Callable[[Accepted, Socks5Target | None], None],
+        *,
+        socks5: bool = False,
+    ) -> Accepted:
         self.tracker.socket_opened(reporter)
+        acc = Accepted(on_target, socks5=socks5)
+        closed = False
 
-        def done(relay: Relay) -> None:
-            self.tracker.socket_closed(reporter)
-            conn = relay.tracked
-            if isinstance(conn, Tracked):
-                if relay.error is not None and conn.error is None:
-                    conn.error = str(relay.error) or type(relay.error).__name__
-                self.tracker.closed(conn)
+        def socket_closed(_: object = None) -> None:
+            nonlocal closed
+            if not closed:
+                closed = True
+                self.tracker.socket_closed(reporter)
 
-        return Relay(done, downstream)
+        acc.on_lost = socket_closed
+        acc.on_finished = socket_closed
+        return acc
 
-    def start(
-        self, side: RelaySide, src: str, route: Route, reporter: m.Reporter, early: bytes = b""
-    ) -> None:
-        conn = Tracked(
-            relay=side.relay,
-            labels=route.labels,
-            src_addr=src,
-            dst_addr=sockets.format_addr(route.ip, route.port),
-            src_workload=_workload_name(route.labels.source),
-            dst_workload=route.dst_workload,
+    # -- outbound -------------------------------------------------------------------------------
+
+    def _outbound_accepted(self, acc: Accepted) -> None:
+        assert acc.transport is not None
+        sock: socket.socket = acc.transport.get_extra_info("socket")
+        sockets.set_keepalive(sock, self.config)
+        dst_ip, dst_port = sockets.original_dst(sock)
+        self._route_outbound(acc, dst_ip, dst_port)
+
+    def _socks5_target(self, acc: Accepted, target: Socks5Target | None) -> None:
+        assert target is not None and acc.transport is not None
+        if target.is_domain:
+            self.tasks.spawn(self._socks5_resolve(acc, target), name="socks5-resolve")
+            return
+        # Upstream answers success before connecting (src/proxy/socks5.rs).
+        acc.transport.write(SUCCESS_REPLY)
+        self._route_outbound(acc, target.host, target.port)
+
+    async def _socks5_resolve(self, acc: Accepted, target: Socks5Target) -> None:
+        ip = await self._resolve(target.host, acc.peer[0])
+        if ip is None:
+            acc.reject(error_reply(REPLY_HOST_UNREACHABLE))
+            return
+        assert acc.transport is not None
+        acc.transport.write(SUCCESS_REPLY)
+        self._route_outbound(acc, ip, target.port)
+
+    async def _resolve(self, host: str, client_ip: str) -> str | None:
+        """Mesh service names resolve to their VIP; other names through the system resolver."""
+        for svc in self.state().services_by_hostname(host):
+            for vip in svc.vips:
+                if vip.network == self.config.network:
+                    return vip.address
+        family = socket.AF_INET6 if ":" in client_ip else socket.AF_INET
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, None, family=family, type=socket.SOCK_STREAM
+            )
+        except OSError as e:
+            log.warning("socks5 lookup of %s failed: %s", host, e)
+            return None
+        return sockets.canonical_ip(str(infos[0][4][0])) if infos else None
+
+    def _route_outbound(self, acc: Accepted, dst_ip: str, dst_port: int) -> None:
+        src_ip, src_port = acc.peer
+        src, dst = sockets.format_addr(src_ip, src_port), sockets.format_addr(dst_ip, dst_port)
+        source = self.local_workload()
+        if sockets.is_loopback(dst_ip) and dst_port in self.config.illegal_ports:
+            return self._fail(acc, src, dst, "source", "attempted recursive call to ourselves")
+        if source is None:
+            return self._fail(
+                acc, src, dst, "source", "failed to fetch information about local workload"
+            )
+        plan = routing.plan_outbound(
+            self.state(),
+            source=source,
+            src_ip=src_ip,
+            dst_ip=dst_ip,
+            dst_port=dst_port,
+            network=self.config.network,
+            illegal_ports=self.config.illegal_ports,
+            rng=self.rng,
         )
-        side.relay.tracked = conn
-        self.tracker.opened(conn)
-        self.tasks.spawn(self._connect(conn, route, early), name="connect")
+        if isinstance(plan, routing.RouteError):
+            return self._fail(acc, src, dst, "source", plan.reason)
+        if plan.kind in ("tcp", "passthrough"):
+            labels = m.TrafficLabels(
+                reporter="source",
+                source=source,
+                destination=plan.destination_workload,
+                destination_service=plan.destination_service,
+            )
+            return self._start_tcp(acc, src, plan.next_hop, labels)
+        if plan.kind == "hbone":
+            return self._start_hbone(acc, src, source, plan)
+        return self._fail(
+            acc, src, dst, "source", f"{plan.kind} routing is not supported by this build"
+        )
 
-    async def _connect(self, conn: Tracked, route: Route, early: bytes) -> None:
-        relay = conn.relay
+    def _fail(self, acc: Accepted, src: str, dst: str, reporter: m.Reporter, reason: str) -> None:
+        log_failed(src, dst, reporter, reason)
+        acc.reject()
+
+    # -- plain TCP legs (outbound TCP/passthrough and inbound plaintext) ------------------------
+
+    def _start_tcp(
+        self, acc: Accepted, src: str, hop: tuple[str, int], labels: m.TrafficLabels
+    ) -> None:
+        relay = Relay(lambda r: self.tracker.closed(conn))
+        conn = Tracked(
+            flow=relay,
+            labels=labels,
+            src_addr=src,
+            dst_addr=sockets.format_addr(*hop),
+            src_workload=_workload_name(labels.source),
+            dst_workload=_workload_name(labels.destination),
+        )
+        conn.on_close = acc.on_finished
+        self.tracker.opened(conn)
+        acc.on_lost = _chain(acc.on_lost, lambda _: self.tracker.closed(conn))
+        self.tasks.spawn(self._connect_tcp(acc, relay, conn, hop), name="connect-tcp")
+
+    async def _connect_tcp(
+        self, acc: Accepted, relay: Relay, conn: Tracked, hop: tuple[str, int]
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
-            sock = sockets.new_upstream_socket(route.ip, self.config)
+            sock = sockets.new_upstream_socket(hop[0], self.config)
         except OSError as e:
-            self._connect_failed(conn, e)
-            return
+            return self._tcp_failed(acc, conn, e)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                await loop.sock_connect(sock, (route.ip, route.port))
+                await loop.sock_connect(sock, hop)
             await loop.create_connection(lambda: relay.upstream, sock=sock)
         except (OSError, TimeoutError) as e:
             sock.close()
-            self._connect_failed(conn, e)
-            return
-        if (
-            relay.done
-            or relay.downstream.transport is None
-            or relay.downstream.transport.is_closing()
-        ):
+            return self._tcp_failed(acc, conn, e)
+        if not acc.handoff(relay.downstream):
             relay.abort()
-            return
-        if early and relay.upstream.transport is not None:
-            relay.downstream.bytes_in += len(early)
-            relay.upstream.transport.write(early)
-        relay.start()
+            self.tracker.closed(conn)
 
-    def _connect_failed(self, conn: Tracked, exc: BaseException) -> None:
+    def _tcp_failed(self, acc: Accepted, conn: Tracked, exc: BaseException) -> None:
         conn.response_flags = "CONNECT"
         conn.error = _describe(exc)
-        downstream = conn.relay.downstream.transport
-        if downstream is not None:
-            downstream.abort()
+        acc.reject()
+        self.tracker.closed(conn)
+
+    # -- outbound HBONE -----------------------------------------------------------------------
+
+    def _start_hbone(
+        self, acc: Accepted, src: str, source: Workload, plan: routing.OutboundPlan
+    ) -> None:
+        labels = m.TrafficLabels(
+            reporter="source",
+            source=source,
+            source_principal=source.identity(),
+            destination=plan.destination_workload,
+            destination_service=plan.destination_service,
+            security_policy="mutual_tls",
+        )
+        leg = TunnelLeg(lambda _: self.tracker.closed(conn))
+        conn = Tracked(
+            flow=TunnelFlow(leg, outbound=True),
+            labels=labels,
+            src_addr=src,
+            dst_addr=sockets.format_addr(*plan.next_hop),
+            src_workload=_workload_name(source),
+            dst_workload=_workload_name(plan.destination_workload),
+            hbone_addr=plan.hbone_authority,
+        )
+        conn.on_close = acc.on_finished
+        self.tracker.opened(conn)
+
+        def lost(_: Accepted) -> None:
+            leg.abort()
+            self.tracker.closed(conn)
+
+        acc.on_lost = _chain(acc.on_lost, lost)
+        self.tasks.spawn(self._connect_hbone(acc, leg, conn, source, plan), name="connect-hbone")
+
+    async def _connect_hbone(
+        self,
+        acc: Accepted,
+        leg: TunnelLeg,
+        conn: Tracked,
+        source: Workload,
+        plan: routing.OutboundPlan,
+    ) -> None:
+        cert = self.certificate(source)
+        if cert is None:
+            return self._hbone_failed(
+                acc, conn, f"no certificate for {source.identity()}", "IDENTITY_ERROR"
+            )
+        key = WorkloadKey(source.identity(), plan.expected_identities, plan.next_hop, acc.peer[0])
+        try:
+            h2 = await self.pool.checkout(key, cert)
+        except PoolError as e:
+            return self._hbone_failed(acc, conn, str(e), e.flag)
+        if acc.lost:
+            return self.tracker.closed(conn)
+        status = await self._open_stream(h2, leg, source, acc, plan)
+        if status != 200:
+            leg.abort()
+            reason = f"http status: {status}" if status else "connection closed before response"
+            return self._hbone_failed(acc, conn, reason, "CONNECT")
+        if not acc.handoff(leg):
+            leg.abort()
+            self.tracker.closed(conn)
+
+    async def _open_stream(
+        self,
+        h2: HBONEClientProtocol,
+        leg: TunnelLeg,
+        source: Workload,
+        acc: Accepted,
+        plan: routing.OutboundPlan,
+    ) -> int:
+        assert plan.hbone_authority is not None
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def on_response(status: int) -> None:
+            if not fut.done():
+                fut.set_result(status)
+
+        headers = [
+            ("baggage", hbone.baggage_header(source)),
+            ("forwarded", hbone.forwarded_header(acc.peer[0], acc.peer[1], plan.forwarded_host)),
+            ("traceparent", str(hbone.TraceParent.new(self.rng))),
+        ]
+        h2.open(plan.hbone_authority, headers, leg, on_response)
+        try:
+            async with asyncio.timeout(RESPONSE_TIMEOUT):
+                return await fut
+        except TimeoutError:
+            return 0
+
+    def _hbone_failed(self, acc: Accepted, conn: Tracked, reason: str, flag: str) -> None:
+        conn.response_flags = flag
+        conn.error = reason
+        acc.reject()
+        self.tracker.closed(conn)
+
+    # -- inbound plaintext ----------------------------------------------------------------------
+
+    def _inbound_plain_accepted(self, acc: Accepted) -> None:
+        assert acc.transport is not None
+        sock: socket.socket = acc.transport.get_extra_info("socket")
+        sockets.set_keepalive(sock, self.config)
+        dst_ip, dst_port = sockets.original_dst(sock)
+        src_ip, src_port = acc.peer
+        src, dst = sockets.format_addr(src_ip, src_port), sockets.format_addr(dst_ip, dst_port)
+        if dst_port in self.config.illegal_ports:
+            return self._fail(acc, src, dst, "destination", "attempted recursive call to ourselves")
+        local = self.local_workload()
+        if local is None:
+            return self._fail(
+                acc, src, dst, "destination", "failed to fetch information about local workload"
+            )
+        state = self.state()
+        labels = m.TrafficLabels(
+            reporter="destination",
+            source=state.workload_by_ip(self.config.network, src_ip),
+            destination=local,
+            destination_service=routing.guess_inbound_service(state, local, dst_port, None),
+        )
+        self._start_tcp(acc, src, (dst_ip, dst_port), labels)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _chain(
+    first: Callable[[Accepted], None] | None, second: Callable[[Accepted], object]
+) -> Callable[[Accepted], None]:
+    def both(acc: Accepted) -> None:
+        if first is not None:
+            first(acc)
+        second(acc)
+
+    return both
 
 
 def _describe(exc: BaseException) -> str:
@@ -196,150 +394,3 @@ def _workload_name(w: Workload | None) -> str | None:
     if w is None:
         return None
     return w.name or w.canonical_name or None
-
-
-def _guess_inbound_service(state: ProxyState, local: Workload, port: int) -> Service | None:
-    """First service of the workload whose target port, or our endpoint's mapping, is `port`."""
-    for svc in state.services_for_workload(local):
-        if port in svc.ports.values():
-            return svc
-        ports = local.services.get(svc.key(), {})
-        if port in ports.values():
-            return svc
-    return None
-
-
-def _peer(transport: asyncio.BaseTransport) -> str:
-    peer = transport.get_extra_info("peername")
-    return sockets.format_addr(sockets.canonical_ip(peer[0]), peer[1])
-
-
-class _OutboundDownstream(RelaySide):
-    """Accepted on 15001: original destination from SO_ORIGINAL_DST."""
-
-    __slots__ = ("proxy",)
-
-    def __init__(self, relay: Relay, proxy: Proxy) -> None:
-        super().__init__(relay)
-        self.proxy = proxy
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        assert self.transport is not None
-        self.transport.pause_reading()
-        sock: socket.socket = transport.get_extra_info("socket")
-        sockets.set_keepalive(sock, self.proxy.config)
-        src = _peer(transport)
-        dst_ip, dst_port = sockets.original_dst(sock)
-        self._route(src, dst_ip, dst_port)
-
-    def _route(self, src: str, dst_ip: str, dst_port: int) -> None:
-        assert self.transport is not None
-        plan = self.proxy.plan_outbound(src, dst_ip, dst_port)
-        if isinstance(plan, str):
-            log_failed(src, sockets.format_addr(dst_ip, dst_port), "source", plan)
-            self.transport.abort()
-            return
-        self.proxy.start(self, src, plan, "source")
-
-
-class _InboundDownstream(RelaySide):
-    """Accepted on 15006: plaintext to a local workload, original destination kept."""
-
-    __slots__ = ("proxy",)
-
-    def __init__(self, relay: Relay, proxy: Proxy) -> None:
-        super().__init__(relay)
-        self.proxy = proxy
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        assert self.transport is not None
-        self.transport.pause_reading()
-        sock: socket.socket = transport.get_extra_info("socket")
-        sockets.set_keepalive(sock, self.proxy.config)
-        peer = transport.get_extra_info("peername")
-        src_ip = sockets.canonical_ip(peer[0])
-        src = sockets.format_addr(src_ip, peer[1])
-        dst_ip, dst_port = sockets.original_dst(sock)
-        plan = self.proxy.plan_inbound_plaintext(src_ip, dst_ip, dst_port)
-        if isinstance(plan, str):
-            log_failed(src, sockets.format_addr(dst_ip, dst_port), "destination", plan)
-            self.transport.abort()
-            return
-        self.proxy.start(self, src, plan, "destination")
-
-
-class _Socks5Downstream(RelaySide):
-    """Accepted on 15080: SOCKS5 negotiation, then the outbound plan for the named target."""
-
-    __slots__ = ("negotiation", "proxy")
-
-    def __init__(self, relay: Relay, proxy: Proxy) -> None:
-        super().__init__(relay)
-        self.proxy = proxy
-        self.negotiation: Socks5Negotiation | None = Socks5Negotiation()
-
-    def data_received(self, data: bytes) -> None:
-        if self.negotiation is None:
-            super().data_received(data)
-            return
-        assert self.transport is not None
-        try:
-            out, target = self.negotiation.feed(data)
-        except Socks5Error as e:
-            log.warning("failed to negotiate socks connection: %s", e)
-            self.transport.write(e.reply())
-            self.transport.close()
-            self.negotiation = None
-            return
-        if out:
-            self.transport.write(out)
-        if target is None:
-            return
-        early = self.negotiation.leftover()
-        self.negotiation = None
-        self.transport.pause_reading()
-        self.proxy.tasks.spawn(
-            self._resolve_and_route(target.host, target.port, target.is_domain, early),
-            name="socks5",
-        )
-
-    def eof_received(self) -> bool:
-        if self.negotiation is not None:
-            return False  # closed mid-negotiation
-        return super().eof_received()
-
-    async def _resolve_and_route(self, host: str, port: int, is_domain: bool, early: bytes) -> None:
-        assert self.transport is not None
-        src = _peer(self.transport)
-        ip = await self._resolve(host, src) if is_domain else host
-        if ip is None:
-            self.transport.write(error_reply(REPLY_HOST_UNREACHABLE))
-            self.transport.close()
-            return
-        plan = self.proxy.plan_outbound(src, ip, port)
-        if isinstance(plan, str):
-            log_failed(src, sockets.format_addr(ip, port), "source", plan)
-            self.transport.write(error_reply(REPLY_CONNECTION_REFUSED))
-            self.transport.close()
-            return
-        # Upstream answers success before connecting (src/proxy/socks5.rs).
-        self.transport.write(SUCCESS_REPLY)
-        self.proxy.start(self, src, plan, "source", early)
-
-    async def _resolve(self, host: str, src: str) -> str | None:
-        """Mesh service names resolve to their VIP; other names through the system resolver."""
-        state = self.proxy._state()
-        for svc in state.services_by_hostname(host):
-            for vip in svc.vips:
-                if vip.network == self.proxy.config.network:
-                    return vip.address
-        family = socket.AF_INET6 if src.startswith("[") else socket.AF_INET
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, None, family=family, type=socket.SOCK_STREAM)
-        except OSError as e:
-            log.warning("socks5 lookup of %s failed: %s", host, e)
-            return None
-        return sockets.canonical_ip(str(infos[0][4][0])) if infos else None

@@ -33,13 +33,19 @@ class RelaySide(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.attach(transport)
+
+    def attach(self, transport: asyncio.BaseTransport, early: bytes = b"") -> None:
+        """Adopt a connected transport (also one accepted earlier under another protocol)."""
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
-        transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        sock = transport.get_extra_info("socket")
+        t = cast(asyncio.Transport, transport)
+        self.transport = t
+        t.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        sock = t.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if early:
+            self.data_received(early)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)

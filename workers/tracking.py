@@ -11,22 +11,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from workers.metrics import WorkerMetrics
-from workers.relay import Relay
 from ztunnel.core import metrics as m
 from ztunnel.telemetry import Unquoted
 
 access_log = logging.getLogger("access")
 
 
+class Flow(Protocol):
+    """The bytes of one proxied connection, in upstream's metric directions."""
+
+    @property
+    def received(self) -> int:
+        """From the downstream peer (the client on outbound, the remote peer on inbound)."""
+
+    @property
+    def sent(self) -> int:
+        """Back to the downstream peer."""
+
+    def abort(self) -> None: ...
+
+
 @dataclass(slots=True, eq=False)
 class Tracked:
     """One proxied connection from accept to close."""
 
-    relay: Relay
+    flow: Flow
     labels: m.TrafficLabels
     src_addr: str
     dst_addr: str
@@ -39,6 +53,7 @@ class Tracked:
     open_labels: m.Labels = ()
     reported_recv: int = 0
     reported_sent: int = 0
+    on_close: Callable[[], None] | None = None
 
 
 class ConnectionTracker:
@@ -78,7 +93,12 @@ class ConnectionTracker:
             access_log.debug("connection opened", extra={"fields": _fields(conn)})
 
     def closed(self, conn: Tracked) -> None:
+        """Account a finished connection; later calls for the same connection do nothing."""
+        if conn not in self._live:
+            return
         self._live.discard(conn)
+        if conn.on_close is not None:
+            conn.on_close()
         if not self._live and self._empty is not None:
             self._empty.set()
         self._fold_bytes(conn)
@@ -104,7 +124,7 @@ class ConnectionTracker:
             self._fold_bytes(conn)
 
     def _fold_bytes(self, conn: Tracked) -> None:
-        recv, sent = conn.relay.received, conn.relay.sent
+        recv, sent = conn.flow.received, conn.flow.sent
         if recv > conn.reported_recv:
             self.metrics.inc(m.TCP_RECEIVED, conn.open_labels, recv - conn.reported_recv)
             conn.reported_recv = recv
@@ -162,7 +182,7 @@ def _put(fields: dict[str, object], key: str, value: str | None) -> None:
 
 def _byte_fields(conn: Tracked) -> dict[str, object]:
     # Istio flips the metric for the source reporter; logs are unflipped (upstream metrics.rs).
-    recv, sent = conn.relay.received, conn.relay.sent
+    recv, sent = conn.flow.received, conn.flow.sent
     outbound = conn.labels.reporter == "source"
     return {
         "bytes_sent": recv if outbound else sent,

@@ -13,17 +13,17 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 import msgspec
 import zmq
 import zmq.asyncio
 
+from workers.inbound import HBONEListener
 from workers.metrics import WorkerMetrics
 from workers.proxy import Proxy
 from workers.tasks import TaskSet
 from workers.tracking import ConnectionTracker
-from ztunnel import sockets
+from ztunnel import sockets, tls
 from ztunnel.core import ipc
 from ztunnel.core.config import Config
 from ztunnel.core.errors import SchemaMismatch
@@ -60,7 +60,10 @@ class Worker:
         self.metrics = WorkerMetrics()
         self.tracker = ConnectionTracker(self.metrics)
         self.tasks = TaskSet()
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[asyncio.Server | HBONEListener] = []
+        self.certs: dict[str, ipc.WorkloadCertificate] = {}
+        self.contexts = tls.ContextCache()
+        self.proxies: list[Proxy] = []
         self.listening = False
         self._stop = asyncio.Event()
         self._exit_code = ipc.EXIT_OK
@@ -119,7 +122,9 @@ class Worker:
             )
         for conn in self.tracker:
             conn.error = conn.error or "connection closed due to connection drain"
-            conn.relay.abort()
+            conn.flow.abort()
+        for proxy in self.proxies:
+            proxy.close()
         await asyncio.sleep(0.05)  # let connection_lost callbacks account the aborted ones
 
     # -- listeners ----------------------------------------------------------------------------
@@ -128,11 +133,20 @@ class Worker:
         info = self.config.workload_info
         if not self.config.enable_proxy or info is None:
             return
-        proxy = Proxy(self.config, info, lambda: self.state, self.tracker, self.tasks)
+        proxy = Proxy(
+            self.config,
+            info=info,
+            state=lambda: self.state,
+            certs=lambda: self.certs,
+            tracker=self.tracker,
+            tasks=self.tasks,
+            contexts=self.contexts,
+        )
+        self.proxies.append(proxy)
         any_addr, cfg = self.config.bind_any, self.config
         await self._serve(any_addr, cfg.outbound_port, proxy.outbound_protocol)
         await self._serve(any_addr, cfg.inbound_plaintext_port, proxy.inbound_plaintext_protocol)
-        await self._serve(any_addr, cfg.inbound_port, _RefuseProtocol)
+        self.servers.append(HBONEListener(proxy, sockets.bind_listener(any_addr, cfg.inbound_port)))
         if cfg.socks5_enabled:
             await self._serve("127.0.0.1", cfg.socks5_port, proxy.socks5_protocol)
 
@@ -142,13 +156,16 @@ class Worker:
         sock = sockets.bind_listener(host, port)
         loop = asyncio.get_running_loop()
         # Bound now, accepting after the first snapshot: early connections wait in the backlog.
-        server = await loop.create_server(factory, sock=sock, start_serving=False)
+        server = await loop.create_server(
+            factory, sock=sock, start_serving=False, backlog=sockets.LISTEN_BACKLOG
+        )
         self.servers.append(server)
 
     async def _start_serving(self) -> None:
         for server in self.servers:
             await server.start_serving()
         self.listening = True
+        self._ack()
 
     # -- state channel ------------------------------------------------------------------------
 
@@ -188,6 +205,7 @@ class Worker:
         first = self.follower.seq is None
         ready = self.follower.on_snapshot(msg)
         self.state = ProxyState.from_snapshot(msg.state, self.config.node_name)
+        self.certs = {c.identity: c for c in msg.certificates}
         if msg.log_spec != self.logs.current():
             self.logs.set(msg.log_spec)
         for published in ready:
@@ -201,6 +219,13 @@ class Worker:
     def _apply(self, payload: ipc.Payload) -> None:
         if isinstance(payload, ipc.StateChanged):
             self.state = self.state.apply(payload.delta)
+        elif isinstance(payload, ipc.CertificatesChanged):
+            certs = dict(self.certs)
+            certs.update((c.identity, c) for c in payload.updated)
+            for identity in payload.removed:
+                certs.pop(identity, None)
+                self.contexts.forget(identity)
+            self.certs = certs
         elif isinstance(payload, ipc.LogLevelChanged):
             self.logs.set(payload.spec)
 
@@ -223,10 +248,3 @@ class Worker:
     def _metrics_push(self, *, final: bool = False) -> ipc.MetricsPush:
         self.tracker.fold_live_bytes()
         return self.metrics.take_push(final=final)
-
-
-class _RefuseProtocol(asyncio.Protocol):
-    """15008 is bound so the port is ours; HBONE termination is not served by this build."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        cast(asyncio.Transport, transport).abort()

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import select
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -278,6 +278,7 @@ class LogControl:
         self.process = process
         self._spec = ""
         self._touched: set[str] = set()
+        self.on_change: Callable[[str], None] | None = None  # e.g. tell the workers
         self.set(self.default)
 
     def current(self) -> str:
@@ -288,6 +289,8 @@ class LogControl:
         directives = parse_spec(spec)
         self._apply(directives)
         self._spec = render_spec(directives)
+        if self.on_change is not None:
+            self.on_change(self._spec)
 
     def append(self, spec: str) -> None:
         """Add clauses after the current ones (later clauses win), as upstream's `set_level`."""

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Callable
 
 from ztunnel.core import ipc
@@ -26,6 +27,7 @@ from ztunnel.supervisor import configdump
 from ztunnel.supervisor.admin import admin_routes
 from ztunnel.supervisor.aggregate import WorkerMetricsCollector
 from ztunnel.supervisor.arbiter import Arbiter
+from ztunnel.supervisor.certs import CertManager, FakeCASource
 from ztunnel.supervisor.channel import StateChannel
 from ztunnel.supervisor.http import HTTPServer
 from ztunnel.supervisor.localsource import LocalSource
@@ -54,6 +56,8 @@ class StateStore:
         self.state = ProxyState.empty(local_node)
         self.publisher = ipc.ClonePublisher()
         self.channel: StateChannel | None = None
+        self.published_at = time.monotonic()  # when the current version was published
+        self.on_publish: Callable[[], None] = lambda: None
         self._log_spec = log_spec
 
     def apply(self, delta: StateDelta) -> None:
@@ -64,12 +68,17 @@ class StateStore:
 
     def publish(self, payload: ipc.Payload) -> None:
         msg = self.publisher.next(payload)
+        self.published_at = time.monotonic()
         if self.channel is not None:
             self.channel.publish(msg)
+        self.on_publish()
 
-    def snapshot(self) -> ipc.Snapshot:
+    def snapshot(self, certificates: tuple[ipc.WorkloadCertificate, ...] = ()) -> ipc.Snapshot:
         return ipc.Snapshot(
-            seq=self.publisher.seq, state=self.state.to_snapshot(), log_spec=self._log_spec()
+            seq=self.publisher.seq,
+            state=self.state.to_snapshot(),
+            certificates=certificates,
+            log_spec=self._log_spec(),
         )
 
 
@@ -84,9 +93,14 @@ class Supervisor:
         self.arbiter: Arbiter | None = None
         self.servers: list[HTTPServer] = []
         self.local = LocalSource(config)
+        self.certs: CertManager | None = None
         self._stop = asyncio.Event()
         self._fatal: str | None = None
         self._snapshot_cache: tuple[int, ipc.Snapshot] | None = None
+        self._logged_seq = -1
+        self.store.on_publish = self._update_readiness
+        # A level set through /logging applies to every worker, where the access log lives.
+        logs.on_change = lambda spec: self.store.publish(ipc.LogLevelChanged(spec=spec))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -120,14 +134,18 @@ class Supervisor:
             snapshot=self._snapshot,
             collector=self.collector,
             on_fatal=self._on_fatal,
+            on_progress=self._update_readiness,
         )
         log.info(
             "starting %d worker processes (%s)", self.config.workers, self.config.workers_source
         )
         await self.arbiter.start()
-        self.store.apply(self.local.load())
+        if self.config.fake_ca:
+            source = FakeCASource(self.config.fake_ca_dir, self.config.secret_ttl)
+            self.certs = CertManager(source, self.store.publish)
+        self.apply(self.local.load())
         self.readiness.mark_ready(READY_STATE)
-        asyncio.get_running_loop().create_task(self._watch_readiness(), name="readiness")
+        self._update_readiness()
 
     def _check_supported(self) -> None:
         cfg = self.config
@@ -135,6 +153,11 @@ class Supervisor:
             raise StartError(
                 f"XDS_ADDRESS={cfg.xds_address}: this build has no xDS client yet; "
                 "set XDS_ADDRESS= (empty) and provide LOCAL_XDS_PATH or LOCAL_XDS"
+            )
+        if cfg.ca_address is not None:
+            raise StartError(
+                f"CA_ADDRESS={cfg.ca_address}: this build has no Istio CA client yet; "
+                "set FAKE_CA=true to use the development CA"
             )
         if cfg.proxy_mode == "shared":
             raise StartError(
@@ -177,6 +200,8 @@ class Supervisor:
                 ) from e
 
     async def _shutdown(self, grace: float) -> None:
+        if self.certs is not None:
+            self.certs.stop()
         if self.arbiter is not None:
             await self.arbiter.stop(grace)
         for server in self.servers:
@@ -210,19 +235,44 @@ class Supervisor:
 
     # -- readiness, state, admin ----------------------------------------------------------------
 
-    async def _watch_readiness(self) -> None:
-        assert self.arbiter is not None
-        while not self._stop.is_set():
-            if self.arbiter.all_current(self.store.publisher.seq):
-                self.readiness.mark_ready(READY_PROXY)
-            else:
-                self.readiness.rearm(READY_PROXY)
-            await asyncio.sleep(0.1)
+    def _update_readiness(self) -> None:
+        """Called on every worker ack, worker exit and publish: is every worker current?"""
+        if self.arbiter is None:
+            return
+        seq = self.store.publisher.seq
+        if not self.arbiter.all_current(seq):
+            self.readiness.rearm(READY_PROXY)
+            return
+        self.readiness.mark_ready(READY_PROXY)
+        if seq != self._logged_seq:
+            self._logged_seq = seq
+            elapsed = (time.monotonic() - self.store.published_at) * 1000
+            log.info(
+                "state version %d applied by all %d workers (%.1f ms after publish)",
+                seq,
+                len(self.arbiter.slots),
+                elapsed,
+            )
+
+    def apply(self, delta: StateDelta) -> None:
+        """Apply a state change, then make sure the certificates it implies are wanted."""
+        self.store.apply(delta)
+        if self.certs is not None:
+            self.certs.want(self._wanted_identities())
+
+    def _wanted_identities(self) -> set[str]:
+        """Dedicated mode: the one proxied workload's identity (upstream fetches it lazily)."""
+        info = self.config.workload_info
+        if info is None:
+            return set()
+        local = self.store.state.find_by_info(info.name, info.namespace, info.service_account)
+        return {local.identity()} if local is not None else set()
 
     def _snapshot(self) -> ipc.Snapshot:
         seq = self.store.publisher.seq
         if self._snapshot_cache is None or self._snapshot_cache[0] != seq:
-            self._snapshot_cache = (seq, self.store.snapshot())
+            certs = self.certs.snapshot() if self.certs is not None else ()
+            self._snapshot_cache = (seq, self.store.snapshot(certs))
         return self._snapshot_cache[1]
 
     def _pids(self) -> list[int]:
@@ -234,6 +284,7 @@ class Supervisor:
             static=self.local.reread(),
             build=BuildInfo.current(),
             config=self.config,
+            certificates=self.certs.dump() if self.certs is not None else [],
         )
 
 

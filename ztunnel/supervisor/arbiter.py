@@ -61,6 +61,7 @@ class Arbiter:
         snapshot: Callable[[], ipc.Snapshot],
         collector: WorkerMetricsCollector,
         on_fatal: Callable[[str], None],
+        on_progress: Callable[[], None] = lambda: None,
     ) -> None:
         self.slots = [WorkerSlot(i) for i in range(count)]
         self.runtime_dir = runtime_dir
@@ -68,6 +69,7 @@ class Arbiter:
         self.snapshot = snapshot
         self.collector = collector
         self.on_fatal = on_fatal
+        self.on_progress = on_progress  # acks and exits change readiness
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -95,6 +97,7 @@ class Arbiter:
         if slot.identity is not None:
             self.collector.forget_worker(slot.identity.decode())
         slot.listening = False
+        self.on_progress()
         if self.stopping:
             log.info("worker %d (pid %d) exited with %d", slot.index, proc.pid, code)
             return
@@ -146,8 +149,11 @@ class Arbiter:
             return
         slot.last_seen = time.monotonic()
         if isinstance(msg, ipc.Ack):
+            changed = (slot.acked_seq, slot.listening) != (msg.seq, msg.listening)
             slot.acked_seq = msg.seq
             slot.listening = msg.listening
+            if changed:
+                self.on_progress()
         elif isinstance(msg, ipc.ResyncRequest):
             self.channel.send(identity, self.snapshot())
 

@@ -1,0 +1,239 @@
+"""Inbound HBONE (15008): mTLS with the destination workload's certificate, CONNECT, relay.
+
+Per accepted TCP connection the destination workload is the one owning the connection's
+destination IP; its certificate is chosen before TLS starts (no SNI in HBONE). After the
+handshake the client's trust domain is checked before a byte is read. Each CONNECT is
+validated (`routing.validate_hbone_destination`, `routing.find_inbound_upstream`) and
+answered as upstream does: 400 (bad method, authority, IP mismatch), 503 (unknown target,
+self-call, connect failure), 200 (then bytes flow both ways).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import cast
+
+from workers.pool import h2_settings
+from workers.proxy import CONNECT_TIMEOUT, Proxy, TunnelFlow, _describe, _workload_name
+from workers.tracking import Tracked, log_failed
+from workers.tunnel import H2Protocol, TunnelLeg
+from ztunnel import sockets, tls
+from ztunnel.core import hbone, routing
+from ztunnel.core import metrics as m
+from ztunnel.core.identity import Identity
+from ztunnel.core.model import Workload
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class HBONEListener:
+    """Accepts on 15008 and starts TLS with the certificate of the destination workload.
+
+    Not `create_server(ssl=...)`: the certificate depends on each connection's destination.
+    Not `start_tls` either: asyncio delivers early application bytes before the caller can
+    verify the peer, and uvloop's server-side start_tls does not complete. So: accept the
+    raw socket, choose the context, `connect_accepted_socket(ssl=...)`, and verify the
+    client in `connection_made` before any byte is processed.
+    """
+
+    def __init__(self, proxy: Proxy, sock: socket.socket) -> None:
+        self.proxy = proxy
+        self.sock = sock
+        self._task: asyncio.Task[None] | None = None
+
+    async def start_serving(self) -> None:
+        if self._task is None:
+            self._task = self.proxy.tasks.spawn(self._accept_loop(), name="hbone-accept")
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.sock.close()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as e:
+                log.warning("accept on 15008 failed: %s", e)
+                await asyncio.sleep(0.1)  # EMFILE and friends: back off, then recover
+                continue
+            self.proxy.tasks.spawn(_serve_tls(self.proxy, conn), name="hbone-tls")
+
+
+async def _serve_tls(proxy: Proxy, conn: socket.socket) -> None:
+    try:
+        peer = conn.getpeername()
+        dst_ip, dst_port = sockets.original_dst(conn)
+    except OSError:
+        conn.close()  # reset right after accept (upstream #1764): nothing to serve
+        return
+    src = sockets.format_addr(sockets.canonical_ip(peer[0]), peer[1])
+    dst = sockets.format_addr(dst_ip, dst_port)
+    local = proxy.local_workload()
+    cert = proxy.certificate(local) if local is not None else None
+    if local is None or cert is None:
+        why = "no local workload" if local is None else f"no certificate for {local.identity()}"
+        log_failed(src, dst, "destination", why)
+        conn.close()
+        return
+    try:
+        await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: HBONEServerProtocol(proxy, local, src, dst, dst_ip),
+            conn,
+            ssl=proxy.contexts.server(cert),
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+        )
+    except (OSError, TimeoutError, ConnectionError) as e:
+        log_failed(src, dst, "destination", f"tls handshake failed: {_describe(e)}")
+        conn.close()
+
+
+class HBONEServerProtocol(H2Protocol):
+    def __init__(self, proxy: Proxy, local: Workload, src: str, dst: str, dst_ip: str) -> None:
+        self.server = hbone.HBONEServer(h2_settings(proxy.config, server=True))
+        super().__init__(self.server)
+        self.proxy = proxy
+        self.local = local
+        self.src, self.dst, self.dst_ip = src, dst, dst_ip
+        self.src_ip = src.rsplit(":", 1)[0].strip("[]")
+        self.peer_identity: Identity | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """TLS is up: check the client before reading or writing a single byte."""
+        session = transport.get_extra_info("ssl_object")
+        try:
+            self.peer_identity = tls.verify_inbound(session, trust_domain=self.local.trust_domain)
+        except tls.TLSError as e:
+            log_failed(self.src, self.dst, "destination", f"tls handshake failed: {e}")
+            self.closed = True
+            cast(asyncio.Transport, transport).abort()
+            return
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.closed:
+            super().data_received(data)
+
+    def on_event(self, ev: hbone.Event) -> None:
+        if isinstance(ev, hbone.ConnectRequested):
+            self.proxy.tasks.spawn(self._serve_stream(ev), name="hbone-stream")
+        elif isinstance(ev, hbone.RequestRejected):
+            log_failed(self.src, self.dst, "destination", ev.reason)
+
+    async def _serve_stream(self, ev: hbone.ConnectRequested) -> None:
+        proxy, state = self.proxy, self.proxy.state()
+        parsed = hbone.parse_authority(ev.authority)
+        if parsed is None:
+            return self._reject(ev.stream_id, 400, "no valid authority pseudo header")
+        host, port, is_ip = parsed
+        network = proxy.config.network
+        err = (
+            routing.validate_hbone_destination(
+                state,
+                local=self.local,
+                conn_dst_ip=self.dst_ip,
+                authority_host=host,
+                authority_port=port,
+                network=network,
+            )
+            if is_ip
+            else None
+        )
+        if err is not None:
+            return self._reject(ev.stream_id, 400, err.reason)
+        target = routing.find_inbound_upstream(
+            state,
+            local=self.local,
+            conn_dst_ip=self.dst_ip,
+            authority_host=host,
+            authority_port=port,
+            is_ip=is_ip,
+            illegal_ports=proxy.config.illegal_ports,
+            network=network,
+        )
+        if isinstance(target, routing.RouteError):
+            return self._reject(ev.stream_id, 503, target.reason)
+        await self._connect(ev, target.ip, target.port)
+
+    async def _connect(self, ev: hbone.ConnectRequested, ip: str, port: int) -> None:
+        headers = dict(ev.headers)
+        conn = self._track(ev, headers)
+        leg = TunnelLeg(lambda _: self.proxy.tracker.closed(conn))
+        conn.flow = TunnelFlow(leg, outbound=False)
+        leg.bind_stream(self, ev.stream_id)
+        loop = asyncio.get_running_loop()
+        try:
+            sock = sockets.new_upstream_socket(ip, self.proxy.config)
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await loop.sock_connect(sock, (ip, port))
+                await loop.create_connection(lambda: leg, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+        except (OSError, TimeoutError) as e:
+            conn.response_flags, conn.error = "CONNECT", _describe(e)
+            self.legs.pop(ev.stream_id, None)
+            self.server.respond(ev.stream_id, 503)
+            self.flush()
+            self.proxy.tracker.closed(conn)
+            return
+        response = (
+            [("baggage", hbone.baggage_header(self.local))]
+            if self.proxy.config.enable_response_baggage
+            else []
+        )
+        self.server.respond(ev.stream_id, 200, response)
+        self.flush()
+
+    def _track(self, ev: hbone.ConnectRequested, headers: dict[str, str]) -> Tracked:
+        state = self.proxy.state()
+        network = self.proxy.config.network
+        from_gateway = headers.get("x-forwarded-network", network).lower() != network.lower()
+        source = None if from_gateway else state.workload_by_ip(network, self.src_ip)
+        forwarded_host = (
+            hbone.parse_forwarded_host(headers["forwarded"]) if "forwarded" in headers else None
+        )
+        dst_port = int(ev.authority.rsplit(":", 1)[1]) if ":" in ev.authority else 0
+        labels = m.TrafficLabels(
+            reporter="destination",
+            source=source,
+            source_principal=str(self.peer_identity) if self.peer_identity else None,
+            destination=self.local,
+            destination_service=routing.guess_inbound_service(
+                state, self.local, dst_port, forwarded_host
+            ),
+            security_policy="mutual_tls",
+        )
+        conn = Tracked(
+            flow=_NoFlow(),
+            labels=labels,
+            src_addr=self.src,
+            dst_addr=self.dst,
+            src_workload=_workload_name(source),
+            dst_workload=_workload_name(self.local),
+            hbone_addr=ev.authority,
+        )
+        self.proxy.tracker.opened(conn)
+        return conn
+
+    def _reject(self, stream_id: int, status: int, reason: str) -> None:
+        log_failed(self.src, self.dst, "destination", reason)
+        self.server.respond(stream_id, status)
+        self.flush()
+
+
+class _NoFlow:
+    """Placeholder until the stream's TCP leg exists."""
+
+    received = 0
+    sent = 0
+
+    def abort(self) -> None:
+        pass
