@@ -15,12 +15,13 @@ import logging
 import socket
 from typing import cast
 
+from workers import authz
 from workers.pool import h2_settings
 from workers.proxy import CONNECT_TIMEOUT, Proxy, TunnelFlow, _describe, _workload_name
 from workers.tracking import Tracked, log_failed
 from workers.tunnel import H2Protocol, TunnelLeg
 from ztunnel import sockets, tls
-from ztunnel.core import hbone, routing
+from ztunnel.core import hbone, rbac, routing
 from ztunnel.core import metrics as m
 from ztunnel.core.identity import Identity
 from ztunnel.core.model import Workload
@@ -159,11 +160,24 @@ class HBONEServerProtocol(H2Protocol):
         )
         if isinstance(target, routing.RouteError):
             return self._reject(ev.stream_id, 503, target.reason)
-        await self._connect(ev, target.ip, target.port)
+        # Register before the policy check, so a policy change racing it is not missed
+        # (upstream connection_manager.rs).
+        conn = self._track(ev, target)
+        ctx = authz.AuthzContext(
+            self.local.uid,
+            rbac.Connection(self.src_ip, self.peer_identity, target.ip, target.port),
+        )
+        conn.authz = ctx
+        decision = authz.check(state, ctx, info_logging=proxy.config.authz_policy_info_logging)
+        if not decision.allowed:
+            conn.response_flags, conn.error = "DENY", authz.rejection(decision)
+            self.server.respond(ev.stream_id, 401)
+            self.flush()
+            proxy.tracker.closed(conn)
+            return
+        await self._connect(ev, conn, target.ip, target.port)
 
-    async def _connect(self, ev: hbone.ConnectRequested, ip: str, port: int) -> None:
-        headers = dict(ev.headers)
-        conn = self._track(ev, headers)
+    async def _connect(self, ev: hbone.ConnectRequested, conn: Tracked, ip: str, port: int) -> None:
         leg = TunnelLeg(lambda _: self.proxy.tracker.closed(conn))
         conn.flow = TunnelFlow(leg, outbound=False)
         leg.bind_stream(self, ev.stream_id)
@@ -192,7 +206,8 @@ class HBONEServerProtocol(H2Protocol):
         self.server.respond(ev.stream_id, 200, response)
         self.flush()
 
-    def _track(self, ev: hbone.ConnectRequested, headers: dict[str, str]) -> Tracked:
+    def _track(self, ev: hbone.ConnectRequested, target: routing.InboundTarget) -> Tracked:
+        headers = dict(ev.headers)
         state = self.proxy.state()
         network = self.proxy.config.network
         from_gateway = headers.get("x-forwarded-network", network).lower() != network.lower()
@@ -200,14 +215,13 @@ class HBONEServerProtocol(H2Protocol):
         forwarded_host = (
             hbone.parse_forwarded_host(headers["forwarded"]) if "forwarded" in headers else None
         )
-        dst_port = int(ev.authority.rsplit(":", 1)[1]) if ":" in ev.authority else 0
         labels = m.TrafficLabels(
             reporter="destination",
             source=source,
             source_principal=str(self.peer_identity) if self.peer_identity else None,
             destination=self.local,
             destination_service=routing.guess_inbound_service(
-                state, self.local, dst_port, forwarded_host
+                state, self.local, target.port, forwarded_host, candidates=target.services or None
             ),
             security_policy="mutual_tls",
         )

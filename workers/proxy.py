@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from workers import authz
 from workers.accept import Accepted
 from workers.pool import HBONEClientProtocol, Pool, PoolError, WorkloadKey
 from workers.relay import Relay
@@ -22,7 +23,7 @@ from workers.tasks import TaskSet
 from workers.tracking import ConnectionTracker, Tracked, log_failed
 from workers.tunnel import TunnelLeg
 from ztunnel import sockets, tls
-from ztunnel.core import hbone, routing
+from ztunnel.core import hbone, rbac, routing
 from ztunnel.core import metrics as m
 from ztunnel.core.config import Config, WorkloadInfo
 from ztunnel.core.ipc import WorkloadCertificate
@@ -205,7 +206,12 @@ class Proxy:
     # -- plain TCP legs (outbound TCP/passthrough and inbound plaintext) ------------------------
 
     def _start_tcp(
-        self, acc: Accepted, src: str, hop: tuple[str, int], labels: m.TrafficLabels
+        self,
+        acc: Accepted,
+        src: str,
+        hop: tuple[str, int],
+        labels: m.TrafficLabels,
+        ctx: authz.AuthzContext | None = None,
     ) -> None:
         relay = Relay(lambda r: self.tracker.closed(conn))
         conn = Tracked(
@@ -217,8 +223,17 @@ class Proxy:
             dst_workload=_workload_name(labels.destination),
         )
         conn.on_close = acc.on_finished
-        self.tracker.opened(conn)
+        conn.authz = ctx
+        self.tracker.opened(conn)  # registered before the policy check (connection_manager.rs)
         acc.on_lost = _chain(acc.on_lost, lambda _: self.tracker.closed(conn))
+        if ctx is not None:
+            info = self.config.authz_policy_info_logging
+            decision = authz.check(self.state(), ctx, info_logging=info)
+            if not decision.allowed:
+                conn.response_flags, conn.error = "DENY", authz.rejection(decision)
+                acc.reject()
+                self.tracker.closed(conn)
+                return
         self.tasks.spawn(self._connect_tcp(acc, relay, conn, hop), name="connect-tcp")
 
     async def _connect_tcp(
@@ -364,7 +379,8 @@ class Proxy:
             destination=local,
             destination_service=routing.guess_inbound_service(state, local, dst_port, None),
         )
-        self._start_tcp(acc, src, (dst_ip, dst_port), labels)
+        ctx = authz.AuthzContext(local.uid, rbac.Connection(src_ip, None, dst_ip, dst_port))
+        self._start_tcp(acc, src, (dst_ip, dst_port), labels, ctx)
 
     def close(self) -> None:
         self.pool.close()

@@ -54,6 +54,7 @@ class Tracked:
     reported_recv: int = 0
     reported_sent: int = 0
     on_close: Callable[[], None] | None = None
+    authz: object | None = None  # workers.authz.AuthzContext for inbound connections
 
 
 class ConnectionTracker:

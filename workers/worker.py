@@ -18,6 +18,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from workers import authz
 from workers.inbound import HBONEListener
 from workers.metrics import WorkerMetrics
 from workers.proxy import Proxy
@@ -219,6 +220,9 @@ class Worker:
     def _apply(self, payload: ipc.Payload) -> None:
         if isinstance(payload, ipc.StateChanged):
             self.state = self.state.apply(payload.delta)
+            if payload.delta.touches_policies():
+                info = self.config.authz_policy_info_logging
+                authz.recheck(self.tracker, self.state, info_logging=info)
         elif isinstance(payload, ipc.CertificatesChanged):
             certs = dict(self.certs)
             certs.update((c.identity, c) for c in payload.updated)

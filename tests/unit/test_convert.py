@@ -664,7 +664,7 @@ POLICY_ACCEPTS: list[tuple[str, apb.Authorization, Callable[[Authorization], Any
         ("0.0.0.0/0",),
     ),
     (
-        "invalid addresses are silently dropped",
+        "invalid addresses become a fail-closed sentinel",
         policy_pb(
             apb.Match(
                 source_ips=[
@@ -676,7 +676,7 @@ POLICY_ACCEPTS: list[tuple[str, apb.Authorization, Callable[[Authorization], Any
             )
         ),
         lambda p: only_match(p).source_ips,
-        ("192.168.0.0/16",),
+        (convert.INVALID_CIDR, convert.INVALID_CIDR, convert.INVALID_CIDR, "192.168.0.0/16"),
     ),
     (
         "prefix length wraps like `as u8`",
@@ -1008,4 +1008,6 @@ def test_structured_random_policies_convert_or_reject(
     except ResourceRejected:
         return
     for cidr in only_match(got).source_ips:
+        if cidr == convert.INVALID_CIDR:
+            continue
         assert str(ipaddress.ip_network(cidr)) == cidr  # canonical, host bits clear

@@ -130,6 +130,7 @@ def test_connect_carries_ipv6_and_hostname_authorities() -> None:
 def test_data_flows_both_ways_with_acknowledge() -> None:
     c, s = connected()
     sid = tunnel(c, s)
+    assert c.has_stream(sid) and s.has_stream(sid)
     c.send(sid, b"ping")
     _, es = pump(c, s)
     assert es == [DataReceived(sid, b"ping", 4)]
@@ -176,6 +177,7 @@ def test_reset_is_seen_by_the_other_side(resetter: str) -> None:
     sid = tunnel(c, s)
     (c if resetter == "client" else s).reset_stream(sid, ErrorCodes.CANCEL)
     ec, es = pump(c, s)
+    assert not c.has_stream(sid) and not s.has_stream(sid)
     seen = es if resetter == "client" else ec
     assert seen == [StreamReset(sid, ErrorCodes.CANCEL, True)]
     assert c.open_streams == 0 and s.open_streams == 0
@@ -303,6 +305,36 @@ def test_server_bytes_before_the_response_wait_for_it() -> None:
     assert s.get_timer() == 0.0  # the StreamWritable for the drained buffer is due now
     assert s.handle_timer(0.0) == [StreamWritable(sid)]
     assert s.get_timer() == 10.0
+
+
+def test_window_updates_do_not_release_data_before_the_response() -> None:
+    s = HBONEServer(H2Settings.server())
+    s.initiate(0.0)
+    raw = raw_client()
+    raw.send_headers(1, [CONNECT, (":authority", "10.0.0.1:80")])
+    s.receive_data(raw.data_to_send(), 0.0)
+    raw.receive_data(s.data_to_send())
+    s.send(1, b"early")
+    raw.increment_flow_control_window(1000)  # connection WINDOW_UPDATE: flushes waiting streams
+    raw.increment_flow_control_window(1000, stream_id=1)
+    s.receive_data(raw.data_to_send(), 0.0)
+    assert not [
+        e for e in raw.receive_data(s.data_to_send()) if isinstance(e, h2.events.DataReceived)
+    ]
+    s.respond(1, 200)
+    answer = raw.receive_data(s.data_to_send())
+    assert [type(e) for e in answer] == [h2.events.ResponseReceived, h2.events.DataReceived]
+
+
+def test_server_half_close_before_the_response_waits_for_it() -> None:
+    c, s = connected()
+    sid = c.open_stream("10.0.0.2:80")
+    pump(c, s)
+    s.end_stream(sid)  # the upstream closed before the glue answered
+    assert pump(c, s) == ([], [])
+    s.respond(sid, 200)
+    ec, _ = pump(c, s)
+    assert ec == [ResponseReceived(sid, 200, ()), StreamEnded(sid)]
 
 
 def test_padding_is_credited_and_over_acknowledgement_clamped() -> None:

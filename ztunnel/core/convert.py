@@ -443,11 +443,15 @@ def _sa_matches(
     )
 
 
+INVALID_CIDR = "invalid"
+
+
 def _prefixes(pbs: Iterable[authorization_pb2.Address]) -> tuple[str, ...]:
-    # An unparseable address is silently dropped, not rejected (upstream `filter_map`).
-    # Pitfall kept for parity: a positive list whose every entry is dropped ends up empty,
-    # and an empty list constrains nothing.
-    return tuple(p for p in map(_prefix, pbs) if p is not None)
+    # Upstream drops an unparseable address (`filter_map`), so a positive list whose every
+    # entry was bad arrives empty and constrains nothing: an ALLOW on `source_ips` would
+    # admit every source. We keep a sentinel in its place instead; `rbac` resolves it toward
+    # the restrictive side of the policy's action (fail closed).
+    return tuple(INVALID_CIDR if p is None else p for p in map(_prefix, pbs))
 
 
 def _prefix(pb: authorization_pb2.Address) -> str | None:

@@ -145,7 +145,7 @@ class HBONEServer(HBONEConnection):
         try:
             if status == 200:
                 self._h2.send_headers(stream_id, block)
-                if st.out:  # bytes the upstream sent before the response
+                if st.out or st.end_pending:  # the upstream spoke (or closed) first
                     self._book.push(st, self._deferred)
                 return
             self._book.pop(stream_id)

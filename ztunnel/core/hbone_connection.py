@@ -248,6 +248,11 @@ class HBONEConnection:
         except NoSuchStreamError:  # incl. StreamClosedError
             self._forget(stream_id)
 
+    def has_stream(self, stream_id: int) -> bool:
+        """The stream is still open (not reset, not ended both ways): e.g. after an async dial."""
+        st = self._book.streams.get(stream_id)
+        return st is not None and not st.closed
+
     def buffered(self, stream_id: int) -> int:
         """Bytes waiting for flow-control credit on this stream."""
         st = self._book.streams.get(stream_id)

@@ -16,8 +16,9 @@ class H2Settings:
     Sizes in bytes, times in seconds. Built by the caller from `Config.http2_*`.
     `max_concurrent_streams` is what a server advertises and, on a client, the local pool
     limit per connection (`POOL_MAX_STREAMS_PER_CONNECTION`, upstream 100).
-    `max_send_buffer` is the per-stream high-water mark of flow-control-blocked bytes
-    (upstream: client = stream window, server 400 KiB).
+    `max_send_buffer` is the per-stream high-water mark of flow-control-blocked bytes at which
+    the glue pauses the stream's source (upstream: client = stream window, server 400 KiB);
+    StreamWritable comes once the buffer is back under a quarter of it.
     """
 
     frame_size: int = 1 << 20  # HTTP2_FRAME_SIZE, upstream 1 MiB
@@ -102,7 +103,11 @@ class ResponseReceived:
 
 @dataclass(frozen=True, slots=True)
 class DataReceived:
-    """Tunnel bytes; `acknowledge(stream_id, len(data))` once they are written onwards."""
+    """Tunnel bytes; `acknowledge(stream_id, n)` once they are written onwards.
+
+    Padding is credited on arrival, so `n` counts data bytes; acknowledging
+    `flow_controlled_length` instead is harmless (clamped to what is outstanding).
+    """
 
     stream_id: int
     data: bytes

@@ -157,8 +157,8 @@ class StreamBook:
         st.blocked = True
 
     def end(self, st: Stream) -> None:
-        """END_STREAM now, or after the queued bytes."""
-        if st.out:
+        """END_STREAM now, or after the queued bytes (and the response head)."""
+        if st.out or not st.answered:
             st.end_pending = True
             return
         st.end_pending = False
@@ -168,6 +168,8 @@ class StreamBook:
 
     def push(self, st: Stream, events: list[Event]) -> None:
         """Send queued bytes as far as the windows allow now (after a window grew)."""
+        if not st.answered:
+            return  # still waiting for respond(200)
         try:
             self._push(st, events)
         except NoSuchStreamError:
@@ -203,7 +205,7 @@ class StreamBook:
             st.blocked = False
             events.append(StreamWritable(sid))
         if not out:
-            del self.waiting[sid]
+            self.waiting.pop(sid, None)
             if st.end_pending:
                 self.end(st)
 

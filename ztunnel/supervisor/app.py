@@ -98,6 +98,7 @@ class Supervisor:
         self._fatal: str | None = None
         self._snapshot_cache: tuple[int, ipc.Snapshot] | None = None
         self._logged_seq = -1
+        self._watch_task: asyncio.Task[None] | None = None
         self.store.on_publish = self._update_readiness
         # A level set through /logging applies to every worker, where the access log lives.
         logs.on_change = lambda spec: self.store.publish(ipc.LogLevelChanged(spec=spec))
@@ -145,6 +146,9 @@ class Supervisor:
             self.certs = CertManager(source, self.store.publish)
         self.apply(self.local.load())
         self.readiness.mark_ready(READY_STATE)
+        self._watch_task = asyncio.get_running_loop().create_task(
+            self.local.watch(self.apply), name="local-config-watch"
+        )
         self._update_readiness()
 
     def _check_supported(self) -> None:
@@ -200,6 +204,8 @@ class Supervisor:
                 ) from e
 
     async def _shutdown(self, grace: float) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         if self.certs is not None:
             self.certs.stop()
         if self.arbiter is not None:

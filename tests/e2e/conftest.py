@@ -1,0 +1,41 @@
+"""Fixtures for namespace tests: skip without root, a private CA, namespaces that always go."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import netns
+import pytest
+from mesh import private_ca_dir
+
+from ztunnel.fakeca import FakeCA
+
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.netns)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _requires_netns() -> None:
+    """Every test here needs root and working `ip netns`; say why when skipping."""
+    reason = netns.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def fake_ca() -> Iterator[tuple[str, FakeCA]]:
+    """(FAKE_CA_DIR, its root): shared by every ztunnel and raw client of the session."""
+    with private_ca_dir() as ca:
+        yield ca
+
+
+@pytest.fixture
+def network() -> Iterator[netns.Network]:
+    with netns.Network() as net:
+        yield net
