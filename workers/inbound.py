@@ -193,10 +193,18 @@ class HBONEServerProtocol(H2Protocol):
                 raise
         except (OSError, TimeoutError) as e:
             conn.response_flags, conn.error = "CONNECT", _describe(e)
+            if not self.core.has_stream(ev.stream_id):
+                self.legs.pop(ev.stream_id, None)
+                self.proxy.tracker.closed(conn)
+                return
             self.legs.pop(ev.stream_id, None)
             self.server.respond(ev.stream_id, 503)
             self.flush()
             self.proxy.tracker.closed(conn)
+            return
+        if not self.core.has_stream(ev.stream_id):  # reset by the client while we dialled
+            conn.error = "stream reset by peer"
+            leg.abort()
             return
         response = (
             [("baggage", hbone.baggage_header(self.local))]

@@ -47,13 +47,15 @@ class WorkloadKey:
 
 
 def h2_settings(config: Config, *, server: bool) -> core.H2Settings:
-    return core.H2Settings(
-        frame_size=config.http2_frame_size,
-        stream_window=config.http2_stream_window_size,
-        connection_window=config.http2_connection_window_size,
-        max_concurrent_streams=200 if server else config.pool_max_streams_per_connection,
-        max_header_list_size=64 * 1024 if server else 16 * 1024,
-    )
+    """Upstream's HTTP/2 settings from HTTP2_* (src/proxy/h2/{client,server}.rs)."""
+    sizes = {
+        "frame_size": config.http2_frame_size,
+        "stream_window": config.http2_stream_window_size,
+        "connection_window": config.http2_connection_window_size,
+    }
+    if server:
+        return core.H2Settings.server(**sizes)
+    return core.H2Settings.client(**sizes, max_streams=config.pool_max_streams_per_connection)
 
 
 class HBONEClientProtocol(H2Protocol):

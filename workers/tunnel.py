@@ -219,6 +219,12 @@ class H2Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._dispatch(self.core.receive_data(data, self._loop.time()))
         self.flush()
+        self._close_if_finished()
+
+    def _close_if_finished(self) -> None:
+        t = self.transport
+        if self.core.is_finished() and t is not None and not t.is_closing():
+            t.close()
 
     def eof_received(self) -> bool:
         return False
@@ -266,6 +272,7 @@ class H2Protocol(asyncio.Protocol):
     def forget(self, stream_id: int) -> None:
         self.legs.pop(stream_id, None)
         self.on_stream_closed()
+        self._close_if_finished()
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -338,9 +345,10 @@ class H2Protocol(asyncio.Protocol):
         """Events the base does not handle (responses, requests, settings)."""
 
     def on_terminated(self, ev: core.ConnectionTerminated) -> None:
+        """GOAWAY or a fatal error. After a graceful GOAWAY the open streams drain first."""
         log.debug("hbone connection terminated: %s", ev.reason)
         self.flush()
-        if self.transport is not None:
+        if self.core.is_finished() and self.transport is not None:
             self.transport.close()
 
     def on_stream_closed(self) -> None:
