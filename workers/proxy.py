@@ -185,6 +185,38 @@ class Proxy:
         )
         if isinstance(plan, routing.RouteError):
             return self._fail(acc, src, dst, "source", plan.reason)
+        if plan.resolve_hostname is not None:
+            host = plan.resolve_hostname
+            task = self._resolve_then_start(acc, src, dst, source, plan=plan, host=host)
+            self.tasks.spawn(task, name="dns")
+            return
+        self._start_plan(acc, src, dst, source, plan)
+
+    async def _resolve_then_start(
+        self,
+        acc: Accepted,
+        src: str,
+        dst: str,
+        source: Workload,
+        *,
+        plan: routing.OutboundPlan,
+        host: str,
+    ) -> None:
+        """Hostname-only workloads: resolve on demand, prefer the original family (§10.5)."""
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError as e:
+            return self._fail(acc, src, dst, "source", f"dns lookup of {host} failed: {e}")
+        answers = [sockets.canonical_ip(str(info[4][0])) for info in infos]
+        ip = routing.pick_resolved_ip(answers, dst.rsplit(":", 1)[0].strip("[]"), self.rng)
+        if ip is None:
+            return self._fail(acc, src, dst, "source", f"no addresses for {host}")
+        self._start_plan(acc, src, dst, source, plan.with_resolved_ip(ip))
+
+    def _start_plan(
+        self, acc: Accepted, src: str, dst: str, source: Workload, plan: routing.OutboundPlan
+    ) -> None:
         if plan.kind in ("tcp", "passthrough"):
             labels = m.TrafficLabels(
                 reporter="source",

@@ -11,14 +11,14 @@ import hashlib
 import http.client
 import json
 import os
+import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ __all__ = [  # re-exported from the loopback harness
     "PROJECT_ROOT",
     "HTTPReply",
     "HarnessError",
+    "LogBuffer",
     "LogLine",
     "poll_until",
     "recv_exact",
@@ -243,16 +244,11 @@ class NodeZtunnel:
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, 9)
+            os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
         for thread in self._readers:
             thread.join(timeout=5)
-
-
-def log_fields(**fields: str) -> dict[str, str]:
-    """Access-log field names from keyword arguments: `dst__hbone_addr` -> `dst.hbone_addr`."""
-    return {k.replace("__", "."): v for k, v in fields.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,17 +374,6 @@ class CertFiles:
     key: Path
     ca: Path  # trust roots
 
-    def client_context(self) -> ssl.SSLContext:
-        """Python's TLS as an HBONE client: mTLS, TLS 1.3, ALPN h2, SPIFFE (no hostname)."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cafile=str(self.ca))
-        ctx.load_cert_chain(str(self.cert), str(self.key))
-        ctx.set_alpn_protocols(["h2"])
-        return ctx
-
 
 def write_cert(directory: Path, stem: str, cert: WorkloadCertificate) -> CertFiles:
     directory.mkdir(parents=True, exist_ok=True)
@@ -413,13 +398,3 @@ def private_ca_dir() -> Iterator[tuple[str, FakeCA]]:
 
 def issue(ca: FakeCA, identity: str) -> WorkloadCertificate:
     return ca.issue(identity, ttl=CERT_TTL, now=time.time())
-
-
-def wait_all(futures: Sequence[Any], timeout: float) -> list[Any]:
-    """Results of concurrent futures, failing at the shared deadline."""
-    deadline = time.monotonic() + timeout
-    return [f.result(max(0.0, deadline - time.monotonic())) for f in futures]
-
-
-def poll(probe: Callable[[], Any], timeout: float, what: str) -> Any:
-    return poll_until(probe, timeout, what, interval=0.05)

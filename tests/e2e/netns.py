@@ -56,9 +56,16 @@ def ip_binary() -> str | None:
     )
 
 
-def _run(argv: Sequence[str], *, check: bool = True, timeout: float = CMD_TIMEOUT) -> str:
+def _run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = CMD_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+) -> str:
     done = subprocess.run(
         list(argv),
+        env=None if env is None else {**os.environ, **env},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -166,9 +173,15 @@ class Netns:
         assert binary is not None
         return [binary, "netns", "exec", self.name, *argv]
 
-    def run(self, *argv: str, check: bool = True, timeout: float = CMD_TIMEOUT) -> str:
-        """Run a command inside the namespace to completion; its stdout."""
-        return _run(self.exec_argv(argv), check=check, timeout=timeout)
+    def run(
+        self,
+        *argv: str,
+        check: bool = True,
+        timeout: float = CMD_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+    ) -> str:
+        """Run a command inside the namespace to completion; its stdout. `env` adds to ours."""
+        return _run(self.exec_argv(argv), check=check, timeout=timeout, env=env)
 
     def popen(
         self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, **kwargs: Any

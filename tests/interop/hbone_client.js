@@ -8,7 +8,8 @@
 // the bytes and END_STREAM go out right behind the request instead, before any response,
 // which RFC 9113 §8.5 allows. Reports the response status, the SHA-256 of what was sent and
 // of what came back, and the server certificate's SAN. Other methods: reports the status.
-// Used by tests/interop/test_node_http2.py; exits 0 whenever it could report.
+// HBONE_CLIENT_TIMEOUT_MS bounds the whole run (default 10 s). Used by
+// tests/interop/test_node_http2.py; exits 0 whenever it could report.
 'use strict';
 
 const crypto = require('crypto');
@@ -19,7 +20,7 @@ const tls = require('tls');
 const [host, port, method, authority, caPath, certPath, keyPath, size, mode] =
   process.argv.slice(2);
 const early = mode === 'early';
-const TIMEOUT_MS = 15000;
+const TIMEOUT_MS = Number(process.env.HBONE_CLIENT_TIMEOUT_MS || 10000);
 
 const report = { status: null, error: null, peer_san: null };
 const timer = setTimeout(() => finish({ error: `no result within ${TIMEOUT_MS} ms` }), TIMEOUT_MS);

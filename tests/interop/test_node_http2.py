@@ -9,7 +9,11 @@ server against that root (SPIFFE URI SAN, no DNS name) and speaks CONNECT (inven
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import socket
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +21,16 @@ from typing import Any
 
 import pytest
 from mesh import (
+    PROJECT_ROOT,
     CertFiles,
     EchoServer,
+    LogBuffer,
     NodeZtunnel,
     WorkloadSpec,
+    connect,
+    digest,
     issue,
+    recv_until_eof,
     write_cert,
     write_local_config,
 )
@@ -39,6 +48,7 @@ SERVER_IP = "198.18.0.2"
 ECHO_PORT = 8080
 HBONE_PORT = 15008
 SCRIPT = Path(__file__).resolve().parent / "hbone_client.js"
+REDIRECT = str(PROJECT_ROOT / "scripts" / "redirect")
 
 CLIENT = WorkloadSpec("client", CLIENT_IP, "node-a")
 SERVER = WorkloadSpec("server", SERVER_IP, "node-b")
@@ -51,13 +61,21 @@ class NodeClient:
     ztunnel: NodeZtunnel
 
     def request(
-        self, method: str, authority: str, size: int = 0, *, early: bool = False
+        self,
+        method: str,
+        authority: str,
+        size: int = 0,
+        *,
+        early: bool = False,
+        timeout: float = 10.0,
     ) -> dict[str, Any]:
+        """Run the Node client inside the client node; its JSON report."""
         out = self.ns.run(
             *("node", str(SCRIPT), SERVER_IP, str(HBONE_PORT), method, authority),
             *(str(self.cert.ca), str(self.cert.cert), str(self.cert.key), str(size)),
             *(["early"] if early else []),
-            timeout=30,
+            timeout=timeout + 10,
+            env={"HBONE_CLIENT_TIMEOUT_MS": str(int(timeout * 1000))},
         )
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
         return result
@@ -109,7 +127,7 @@ def test_node_connect_with_data_sent_before_the_response_gets_every_byte_echoed(
     node_client: NodeClient, size: int
 ) -> None:
     """RFC 9113 §8.5: after its HEADERS a client's DATA is tunnel data, 200 or not yet."""
-    result = node_client.request("CONNECT", f"{SERVER_IP}:{ECHO_PORT}", size, early=True)
+    result = node_client.request("CONNECT", f"{SERVER_IP}:{ECHO_PORT}", size, early=True, timeout=3)
 
     assert result["error"] is None, result
     assert result["status"] == 200
@@ -134,3 +152,93 @@ def test_node_connect_to_another_ip_than_the_connection_is_answered_400(
     assert result["status"] == 400
     failed = node_client.ztunnel.wait_access(message="connection failed", direction="inbound")
     assert failed.fields["error"] == f"ip mismatch: {SERVER_IP} != {CLIENT_IP}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Node as the HBONE server a ztunnel's outbound talks to
+
+
+SERVER_SCRIPT = Path(__file__).resolve().parent / "hbone_server.js"
+AFTER_EOF_PORT = 8082
+
+
+@dataclass
+class NodeServer:
+    a: Netns
+    za: NodeZtunnel
+    events: LogBuffer
+
+    def connects(self) -> list[dict[str, Any]]:
+        lines = [json.loads(line.text) for line in self.events.lines() if line.text[:1] == "{"]
+        return [e for e in lines if e.get("event") == "connect"]
+
+
+@pytest.fixture
+def node_server(
+    network: Network, fake_ca: tuple[str, FakeCA], tmp_path: Path
+) -> Iterator[NodeServer]:
+    ca_dir, ca = fake_ca
+    a, b = network.node("a"), network.node("node")
+    network.link(a, f"{CLIENT_IP}/24", b, f"{SERVER_IP}/24")
+    config = write_local_config(tmp_path / "local.yaml", [CLIENT, SERVER])
+    a.run(REDIRECT, "outbound", SERVER_IP, f"{ECHO_PORT}:{AFTER_EOF_PORT}")
+    servers = [
+        EchoServer(b, SERVER_IP, ECHO_PORT, double=True),
+        EchoServer(b, SERVER_IP, AFTER_EOF_PORT, reply_after_eof=True),
+    ]
+    cert = write_cert(tmp_path / "certs", "server", issue(ca, SERVER.identity))
+    proc = b.popen(
+        [
+            *("node", str(SERVER_SCRIPT), SERVER_IP, str(HBONE_PORT)),
+            *(str(cert.ca), str(cert.cert), str(cert.key)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    events = LogBuffer()
+    events.follow(proc.stdout, "node")
+    za = NodeZtunnel.dedicated(a, CLIENT, config, ca_dir)
+    try:
+        events.wait_for(lambda line: '"listening"' in line.text, 10.0, "node to listen")
+        za.wait_ready()
+        yield NodeServer(a, za, events)
+    finally:
+        za.kill()
+        for server in servers:
+            server.close()
+
+
+def test_ztunnel_outbound_tunnels_through_a_node_http2_server_with_its_headers(
+    node_server: NodeServer,
+) -> None:
+    with connect(node_server.a, SERVER_IP, ECHO_PORT) as sock:
+        sock.sendall(b"hello world")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b"hello world" * 2
+        client_port = sock.getsockname()[1]
+
+    (event,) = node_server.connects()
+    assert event["authority"] == f"{SERVER_IP}:{ECHO_PORT}"
+    assert event["peer_san"] == f"URI:{CLIENT.identity}"
+    headers = event["headers"]
+    # Upstream always sends these three (inventory §9.2).
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", headers["traceparent"])
+    assert headers["forwarded"] == f'for="{CLIENT_IP}:{client_port}"'
+    assert "baggage" in headers
+    outbound = node_server.za.wait_access(direction="outbound")
+    assert outbound.fields["dst.identity"] == SERVER.identity
+    assert (outbound.fields["bytes_sent"], outbound.fields["bytes_recv"]) == ("11", "22")
+
+
+def test_half_close_crosses_ztunnel_and_a_node_http2_server_both_ways(
+    node_server: NodeServer,
+) -> None:
+    """The echo answers only after FIN: END_STREAM out, then data, END_STREAM and FIN back."""
+    payload = os.urandom(300 * 1024)
+    with connect(node_server.a, SERVER_IP, AFTER_EOF_PORT) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        received = recv_until_eof(sock)
+    assert len(received) == len(payload)
+    assert digest(received) == digest(payload)

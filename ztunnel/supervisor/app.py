@@ -9,6 +9,7 @@ within the deadline, close the servers, exit 0.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -16,6 +17,8 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry
 
 from ztunnel.core import ipc
 from ztunnel.core.config import Config
@@ -27,12 +30,14 @@ from ztunnel.supervisor import configdump
 from ztunnel.supervisor.admin import admin_routes
 from ztunnel.supervisor.aggregate import WorkerMetricsCollector
 from ztunnel.supervisor.arbiter import Arbiter
-from ztunnel.supervisor.certs import CertManager, FakeCASource
+from ztunnel.supervisor.caclient import CAClient
+from ztunnel.supervisor.certs import CertificateSource, CertManager, FakeCASource
 from ztunnel.supervisor.channel import StateChannel
 from ztunnel.supervisor.http import HTTPServer
 from ztunnel.supervisor.localsource import LocalSource
 from ztunnel.supervisor.metrics import build_registry, metrics_routes
 from ztunnel.supervisor.readiness import Readiness, readiness_routes
+from ztunnel.supervisor.xds import XDSClient
 from ztunnel.telemetry import LogControl
 from ztunnel.version import BuildInfo
 
@@ -94,6 +99,9 @@ class Supervisor:
         self.servers: list[HTTPServer] = []
         self.local = LocalSource(config)
         self.certs: CertManager | None = None
+        self.xds: XDSClient | None = None
+        self._xds_task: asyncio.Task[None] | None = None
+        self.registry: CollectorRegistry | None = None
         self._stop = asyncio.Event()
         self._fatal: str | None = None
         self._snapshot_cache: tuple[int, ipc.Snapshot] | None = None
@@ -141,29 +149,32 @@ class Supervisor:
             "starting %d worker processes (%s)", self.config.workers, self.config.workers_source
         )
         await self.arbiter.start()
-        if self.config.fake_ca:
-            source = FakeCASource(self.config.fake_ca_dir, self.config.secret_ttl)
-            self.certs = CertManager(source, self.store.publish)
+        # gRPC channels only from here on: every worker has been exec'd already.
+        self.certs = CertManager(self._certificate_source(), self.store.publish)
         self.apply(self.local.load())
-        self.readiness.mark_ready(READY_STATE)
-        self._watch_task = asyncio.get_running_loop().create_task(
-            self.local.watch(self.apply), name="local-config-watch"
-        )
+        loop = asyncio.get_running_loop()
+        self._watch_task = loop.create_task(self.local.watch(self.apply), name="local-config-watch")
+        if self.config.xds_address is None:
+            self.readiness.mark_ready(READY_STATE)
+        else:
+            self.xds = XDSClient(
+                self.config,
+                state=lambda: self.store.state,
+                on_update=self.apply,
+                on_synced=lambda: self.readiness.mark_ready(READY_STATE),
+                registry=self.registry,
+            )
+            self._xds_task = loop.create_task(self.xds.run(), name="xds")
         self._update_readiness()
 
-    def _check_supported(self) -> None:
+    def _certificate_source(self) -> CertificateSource:
         cfg = self.config
-        if cfg.xds_address is not None:
-            raise StartError(
-                f"XDS_ADDRESS={cfg.xds_address}: this build has no xDS client yet; "
-                "set XDS_ADDRESS= (empty) and provide LOCAL_XDS_PATH or LOCAL_XDS"
-            )
-        if cfg.ca_address is not None:
-            raise StartError(
-                f"CA_ADDRESS={cfg.ca_address}: this build has no Istio CA client yet; "
-                "set FAKE_CA=true to use the development CA"
-            )
-        if cfg.proxy_mode == "shared":
+        if cfg.fake_ca:
+            return FakeCASource(cfg.fake_ca_dir, cfg.secret_ttl)
+        return CAClient(cfg)
+
+    def _check_supported(self) -> None:
+        if self.config.proxy_mode == "shared":
             raise StartError(
                 "PROXY_MODE=shared (in-pod mode) needs the istio-cni ZDS client, which this "
                 "build does not have yet; use PROXY_MODE=dedicated with PROXY_WORKLOAD_INFO"
@@ -182,6 +193,7 @@ class Supervisor:
         cfg = self.config
         registry = build_registry(cfg.istio_version, pids=self._pids)
         registry.register(self.collector)
+        self.registry = registry
         admin = HTTPServer(
             admin_routes(
                 config_dump=self._config_dump, log_control=self.logs, on_quit=self.request_stop
@@ -199,13 +211,15 @@ class Supervisor:
             try:
                 await server.start(host, port)
             except OSError as e:
+                what = "address already in use" if e.errno == errno.EADDRINUSE else e.strerror
                 raise StartError(
-                    f"failed to bind {server.name} server on port {port}: {e.strerror}"
+                    f"failed to bind {server.name} server on port {port}: {what}"
                 ) from e
 
     async def _shutdown(self, grace: float) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        for task in (self._watch_task, self._xds_task):
+            if task is not None:
+                task.cancel()
         if self.certs is not None:
             self.certs.stop()
         if self.arbiter is not None:
