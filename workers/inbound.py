@@ -123,11 +123,19 @@ class HBONEServerProtocol(H2Protocol):
 
     def on_event(self, ev: hbone.Event) -> None:
         if isinstance(ev, hbone.ConnectRequested):
-            self.proxy.tasks.spawn(self._serve_stream(ev), name="hbone-stream")
+            # Bind the leg now: a client may send DATA (and END_STREAM) right after its
+            # CONNECT, before our answer (RFC 9113 §8.5). The leg holds those bytes, and
+            # their flow-control credit, until the upstream socket exists.
+            holder: list[Tracked] = []
+            leg = TunnelLeg(lambda _: self.proxy.tracker.closed(holder[0]) if holder else None)
+            leg.bind_stream(self, ev.stream_id)
+            self.proxy.tasks.spawn(self._serve_stream(ev, leg, holder), name="hbone-stream")
         elif isinstance(ev, hbone.RequestRejected):
             log_failed(self.src, self.dst, "destination", ev.reason)
 
-    async def _serve_stream(self, ev: hbone.ConnectRequested) -> None:
+    async def _serve_stream(
+        self, ev: hbone.ConnectRequested, leg: TunnelLeg, holder: list[Tracked]
+    ) -> None:
         proxy, state = self.proxy, self.proxy.state()
         parsed = hbone.parse_authority(ev.authority)
         if parsed is None:
@@ -163,6 +171,8 @@ class HBONEServerProtocol(H2Protocol):
         # Register before the policy check, so a policy change racing it is not missed
         # (upstream connection_manager.rs).
         conn = self._track(ev, target)
+        conn.flow = TunnelFlow(leg, outbound=False)
+        holder.append(conn)
         ctx = authz.AuthzContext(
             self.local.uid,
             rbac.Connection(self.src_ip, self.peer_identity, target.ip, target.port),
@@ -171,16 +181,17 @@ class HBONEServerProtocol(H2Protocol):
         decision = authz.check(state, ctx, info_logging=proxy.config.authz_policy_info_logging)
         if not decision.allowed:
             conn.response_flags, conn.error = "DENY", authz.rejection(decision)
+            self.legs.pop(ev.stream_id, None)
             self.server.respond(ev.stream_id, 401)
             self.flush()
             proxy.tracker.closed(conn)
             return
-        await self._connect(ev, conn, target.ip, target.port)
+        await self._connect(ev, conn, leg, (target.ip, target.port))
 
-    async def _connect(self, ev: hbone.ConnectRequested, conn: Tracked, ip: str, port: int) -> None:
-        leg = TunnelLeg(lambda _: self.proxy.tracker.closed(conn))
-        conn.flow = TunnelFlow(leg, outbound=False)
-        leg.bind_stream(self, ev.stream_id)
+    async def _connect(
+        self, ev: hbone.ConnectRequested, conn: Tracked, leg: TunnelLeg, hop: tuple[str, int]
+    ) -> None:
+        ip, port = hop
         loop = asyncio.get_running_loop()
         try:
             sock = sockets.new_upstream_socket(ip, self.proxy.config)
@@ -247,6 +258,7 @@ class HBONEServerProtocol(H2Protocol):
 
     def _reject(self, stream_id: int, status: int, reason: str) -> None:
         log_failed(self.src, self.dst, "destination", reason)
+        self.legs.pop(stream_id, None)
         self.server.respond(stream_id, status)
         self.flush()
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import netns
 import pytest
-from mesh import private_ca_dir
+from mesh import LogKeeper, private_ca_dir
 
 from ztunnel.fakeca import FakeCA
 
@@ -39,3 +40,20 @@ def fake_ca() -> Iterator[tuple[str, FakeCA]]:
 def network() -> Iterator[netns.Network]:
     with netns.Network() as net:
         yield net
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Remember each phase's outcome on the item, for `ztunnel_logs`."""
+    report = yield
+    setattr(item, f"_zte2e_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def ztunnel_logs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LogKeeper]:
+    """Register ztunnels; their logs land in tmp_path, and on failure in the report."""
+    keeper = LogKeeper(tmp_path)
+    yield keeper
+    call = getattr(request.node, "_zte2e_call", None)
+    keeper.finish(failed=call is None or call.failed)

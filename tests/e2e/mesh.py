@@ -84,6 +84,8 @@ class WorkloadSpec:
     protocol: str = "HBONE"
     namespace: str = "default"
     service_account: str = ""
+    canonical_name: str = ""  # the app label; metrics' *_canonical_service and *_app
+    canonical_revision: str = ""  # the version label; *_canonical_revision and *_version
     services: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
 
     @property
@@ -110,6 +112,8 @@ class WorkloadSpec:
             "protocol": self.protocol,
             "node": self.node,
             "network": "",
+            "canonicalName": self.canonical_name,
+            "canonicalRevision": self.canonical_revision,
             "services": {k: dict(v) for k, v in self.services.items()},
         }
 
@@ -242,6 +246,9 @@ class NodeZtunnel:
 
         return self.logs.wait_for(match, timeout, f"access log {message!r} with {want}")
 
+    def save_logs(self, path: Path) -> None:
+        path.write_text("".join(f"[{line.stream}] {line.text}\n" for line in self.logs.lines()))
+
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -249,6 +256,27 @@ class NodeZtunnel:
             self.proc.wait(5)
         for thread in self._readers:
             thread.join(timeout=5)
+
+
+class LogKeeper:
+    """Writes every registered ztunnel's output under the test's tmp_path at teardown, and
+    prints the tails when the test failed (pytest shows them with the failure)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._ztunnels: dict[str, NodeZtunnel] = {}
+
+    def add(self, name: str, zt: NodeZtunnel) -> NodeZtunnel:
+        self._ztunnels[name] = zt
+        return zt
+
+    def finish(self, failed: bool) -> None:
+        for name, zt in self._ztunnels.items():
+            path = self.directory / f"ztunnel-{name}.log"
+            zt.save_logs(path)
+            if failed:
+                print(f"--- ztunnel {name} ({zt.ns.name}), full log in {path}")
+                print(zt.logs.tail(60))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,9 +100,9 @@ def unavailable() -> str | None:
 
 def _probe() -> str | None:
     if os.geteuid() != 0:
-        return "e2e tests need root to create network namespaces (run as root, as CI does)"
+        return "namespace tests need root to create network namespaces (run as root, as CI does)"
     if ip_binary() is None:
-        return "e2e tests need the `ip` command (iproute2; scripts/test installs it)"
+        return "namespace tests need the `ip` command (iproute2; scripts/test installs it)"
     remove_stale()
     name = f"{PREFIX}probe"
     try:

@@ -26,6 +26,7 @@ from mesh import (
     PROJECT_ROOT,
     WORKERS,
     EchoServer,
+    LogKeeper,
     NodeZtunnel,
     WorkloadSpec,
     connect,
@@ -54,8 +55,10 @@ HBONE_PORT = 15008
 REDIRECT = str(PROJECT_ROOT / "scripts" / "redirect")
 HELLO = b"hello world"  # 11 bytes, as upstream's namespaced tests send
 
-CLIENT = WorkloadSpec("client", NODE_A_IP, "node-a")
-SERVER = WorkloadSpec("server", NODE_B_IP, "node-b")
+CLIENT = WorkloadSpec(
+    "client", NODE_A_IP, "node-a", canonical_name="sleep", canonical_revision="v1"
+)
+SERVER = WorkloadSpec("server", NODE_B_IP, "node-b", canonical_name="echo", canonical_revision="v2")
 TCP_SERVER = WorkloadSpec("tcp-echo", TCP_WORKLOAD_IP, "node-b", protocol="TCP")
 
 
@@ -72,7 +75,12 @@ class TwoNodes:
 
 
 @pytest.fixture
-def nodes(network: Network, fake_ca: tuple[str, FakeCA], tmp_path: Path) -> Iterator[TwoNodes]:
+def nodes(
+    network: Network,
+    fake_ca: tuple[str, FakeCA],
+    tmp_path: Path,
+    ztunnel_logs: LogKeeper,
+) -> Iterator[TwoNodes]:
     ca_dir, _ = fake_ca
     a, b = network.node("a"), network.node("b")
     _, b_if = network.link(a, f"{NODE_A_IP}/24", b, f"{NODE_B_IP}/24")
@@ -87,8 +95,8 @@ def nodes(network: Network, fake_ca: tuple[str, FakeCA], tmp_path: Path) -> Iter
         EchoServer(b, NODE_B_IP, AFTER_EOF_PORT, reply_after_eof=True),
         EchoServer(b, TCP_WORKLOAD_IP, DOUBLE_PORT, double=True),
     ]
-    za = NodeZtunnel.dedicated(a, CLIENT, config, ca_dir)
-    zb = NodeZtunnel.dedicated(b, SERVER, config, ca_dir)
+    za = ztunnel_logs.add("a", NodeZtunnel.dedicated(a, CLIENT, config, ca_dir))
+    zb = ztunnel_logs.add("b", NodeZtunnel.dedicated(b, SERVER, config, ca_dir))
     try:
         za.wait_ready()
         zb.wait_ready()
@@ -168,7 +176,15 @@ def test_metrics_and_access_logs_count_eleven_bytes_out_and_twenty_two_back_on_b
         "source_workload": "client",
         "source_workload_namespace": "default",
         "source_principal": CLIENT.identity,
+        "source_canonical_service": "sleep",
+        "source_canonical_revision": "v1",
+        "source_app": "sleep",
+        "source_version": "v1",
         "destination_workload": "server",
+        "destination_canonical_service": "echo",
+        "destination_canonical_revision": "v2",
+        "destination_app": "echo",
+        "destination_version": "v2",
         "destination_workload_namespace": "default",
         "destination_principal": SERVER.identity,
         "request_protocol": "tcp",

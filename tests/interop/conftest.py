@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent / "e2e"))
 
 import netns  # noqa: E402
-from mesh import private_ca_dir  # noqa: E402
+from mesh import LogKeeper, private_ca_dir  # noqa: E402
 
 from ztunnel.fakeca import FakeCA  # noqa: E402
 
@@ -41,3 +42,20 @@ def fake_ca() -> Iterator[tuple[str, FakeCA]]:
 def network() -> Iterator[netns.Network]:
     with netns.Network() as net:
         yield net
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Remember each phase's outcome on the item, for `ztunnel_logs`."""
+    report = yield
+    setattr(item, f"_zte2e_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def ztunnel_logs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LogKeeper]:
+    """Register ztunnels; their logs land in tmp_path, and on failure in the report."""
+    keeper = LogKeeper(tmp_path)
+    yield keeper
+    call = getattr(request.node, "_zte2e_call", None)
+    keeper.finish(failed=call is None or call.failed)

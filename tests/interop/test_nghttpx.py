@@ -29,6 +29,7 @@ from mesh import (
     PROJECT_ROOT,
     EchoServer,
     HarnessError,
+    LogKeeper,
     NodeZtunnel,
     WorkloadSpec,
     connect,
@@ -165,7 +166,7 @@ class NghttpxNode:
 
 @pytest.fixture
 def mesh_to_nghttpx(
-    network: Network, fake_ca: tuple[str, FakeCA], tmp_path: Path
+    network: Network, fake_ca: tuple[str, FakeCA], tmp_path: Path, ztunnel_logs: LogKeeper
 ) -> Iterator[NghttpxNode]:
     ca_dir, ca = fake_ca
     a, b = network.node("a"), network.node("ngx")
@@ -194,7 +195,7 @@ def mesh_to_nghttpx(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    za = NodeZtunnel.dedicated(a, CLIENT, config, ca_dir)
+    za = ztunnel_logs.add("client", NodeZtunnel.dedicated(a, CLIENT, config, ca_dir))
     try:
         _wait_listening(b, nghttpx, errorlog)
         za.wait_ready()

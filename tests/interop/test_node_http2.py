@@ -1,9 +1,12 @@
-"""Node.js `http2` (nghttp2) as an HBONE client against ztunnel's 15008.
+"""Node.js `http2` (nghttp2) as HBONE peer of ztunnel: client of its 15008, server for its 15001.
 
-The client node (198.18.0.1) runs only Node; the server node (198.18.0.2) runs the
-dedicated ztunnel of `default/server` and a plain echo server on 8080. Node presents a
+Client half: node A (198.18.0.1) runs only Node (hbone_client.js); node B (198.18.0.2) runs
+the dedicated ztunnel of `default/server` and a plain echo server on 8080. Node presents a
 client certificate minted from the same FAKE_CA root for `default/client`, verifies the
 server against that root (SPIFFE URI SAN, no DNS name) and speaks CONNECT (inventory §9).
+
+Server half: node A runs the ztunnel of `default/client` with capture; node B runs Node
+(hbone_server.js) on 15008 with a `default/server` certificate in place of a ztunnel.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from mesh import (
     CertFiles,
     EchoServer,
     LogBuffer,
+    LogKeeper,
     NodeZtunnel,
     WorkloadSpec,
     connect,
@@ -83,14 +87,14 @@ class NodeClient:
 
 @pytest.fixture
 def node_client(
-    network: Network, fake_ca: tuple[str, FakeCA], tmp_path: Path
+    network: Network, fake_ca: tuple[str, FakeCA], tmp_path: Path, ztunnel_logs: LogKeeper
 ) -> Iterator[NodeClient]:
     ca_dir, ca = fake_ca
     a, b = network.node("node"), network.node("zt")
     network.link(a, f"{CLIENT_IP}/24", b, f"{SERVER_IP}/24")
     config = write_local_config(tmp_path / "local.yaml", [CLIENT, SERVER])
     echo = EchoServer(b, SERVER_IP, ECHO_PORT)
-    zt = NodeZtunnel.dedicated(b, SERVER, config, ca_dir)
+    zt = ztunnel_logs.add("server", NodeZtunnel.dedicated(b, SERVER, config, ca_dir))
     try:
         zt.wait_ready()
         cert = write_cert(tmp_path / "certs", "client", issue(ca, CLIENT.identity))
@@ -115,13 +119,6 @@ def test_node_connect_gets_200_and_its_bytes_echoed_back(node_client: NodeClient
     assert (inbound.fields["bytes_sent"], inbound.fields["bytes_recv"]) == ("262144",) * 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: DATA and END_STREAM that arrive with the CONNECT, before its "
-    "stream has a TCP leg, are acknowledged and dropped (workers/tunnel.py H2Protocol."
-    "_dispatch; the leg is bound only when the task spawned by workers/inbound.py "
-    "HBONEServerProtocol.on_event runs)",
-)
 @pytest.mark.parametrize("size", [11, 256 * 1024])
 def test_node_connect_with_data_sent_before_the_response_gets_every_byte_echoed(
     node_client: NodeClient, size: int
@@ -175,7 +172,7 @@ class NodeServer:
 
 @pytest.fixture
 def node_server(
-    network: Network, fake_ca: tuple[str, FakeCA], tmp_path: Path
+    network: Network, fake_ca: tuple[str, FakeCA], tmp_path: Path, ztunnel_logs: LogKeeper
 ) -> Iterator[NodeServer]:
     ca_dir, ca = fake_ca
     a, b = network.node("a"), network.node("node")
@@ -198,7 +195,7 @@ def node_server(
     assert proc.stdout is not None
     events = LogBuffer()
     events.follow(proc.stdout, "node")
-    za = NodeZtunnel.dedicated(a, CLIENT, config, ca_dir)
+    za = ztunnel_logs.add("client", NodeZtunnel.dedicated(a, CLIENT, config, ca_dir))
     try:
         events.wait_for(lambda line: '"listening"' in line.text, 10.0, "node to listen")
         za.wait_ready()
