@@ -346,7 +346,7 @@ class Proxy:
             return self._hbone_failed(acc, conn, str(e), e.flag)
         if acc.lost:
             return self.tracker.closed(conn)
-        status = await self._open_stream(h2, leg, source, acc, plan)
+        status = await self._open_stream(h2, leg, conn, acc, plan)
         if status != 200:
             leg.abort()
             reason = f"http status: {status}" if status else "connection closed before response"
@@ -359,14 +359,22 @@ class Proxy:
         self,
         h2: HBONEClientProtocol,
         leg: TunnelLeg,
-        source: Workload,
+        conn: Tracked,
         acc: Accepted,
         plan: routing.OutboundPlan,
     ) -> int:
-        assert plan.hbone_authority is not None
+        assert plan.hbone_authority is not None and conn.labels.source is not None
+        source = conn.labels.source
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
         def on_response(status: int) -> None:
+            # Record a refusal at once: the stream's reset may close the record before the
+            # awaiting task resumes (a 401 and its RST_STREAM arrive in one read).
+            if status != 200 and conn.error is None:
+                conn.response_flags = "CONNECT"
+                conn.error = (
+                    f"http status: {status}" if status else "connection closed before response"
+                )
             if not fut.done():
                 fut.set_result(status)
 
