@@ -30,10 +30,10 @@ import logging
 import random
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from workers.metrics import WorkerMetrics
 from workers.tasks import TaskSet
@@ -56,10 +56,13 @@ CLIENT_POLL = 0.05  # seconds between looks at the state while waiting for it
 MAX_PENDING = 1024  # queries per worker waiting on upstream or on the client workload
 TCP_MAX_INFLIGHT = 32  # queries in flight per TCP connection (upstream response buffer 32)
 CACHE_ENTRIES = 4096  # decided queries remembered per state version
+MAX_ROTATIONS = 16  # answers with more addresses are shuffled and rendered every time
 _BIND_RETRIES = 8  # ephemeral port (tests): the UDP port may be taken, pick another
 
 Protocol = Literal["udp", "tcp"]
 Reply = Callable[[bytes], None]
+SocketFactory = Callable[[socket.AddressFamily, socket.SocketKind], Awaitable[socket.socket]]
+BoundPair = tuple[socket.socket, socket.socket]  # (TCP listener, UDP socket) on one address
 
 
 def ipv6_on_localhost(path: str = LO_DISABLE_IPV6) -> bool:
@@ -70,13 +73,15 @@ def ipv6_on_localhost(path: str = LO_DISABLE_IPV6) -> bool:
         return False
 
 
-def bind_hosts(config: Config) -> list[str]:
+def bind_hosts(config: Config, *, lo_ipv6: bool | None = None) -> list[str]:
     """Where the DNS proxy listens: the DNS_PROXY_ADDR host, else 127.0.0.1 and (when IPv6
-    is enabled and usable on lo) ::1."""
+    is enabled and usable on lo) ::1. In a pod netns, pass `lo_ipv6` as checked there
+    (`ipv6_on_localhost` run inside it): upstream re-checks per pod."""
     host = config.dns_proxy_addr.host
     if host is not None:
         return [host]
-    if config.ipv6_enabled and ipv6_on_localhost():
+    usable = ipv6_on_localhost() if lo_ipv6 is None else lo_ipv6
+    if config.ipv6_enabled and usable:
         return ["127.0.0.1", "::1"]
     return ["127.0.0.1"]
 
@@ -112,7 +117,12 @@ class Nameserver:
 
 
 class Forwarder:
-    """Sends a query to the nameservers in order until one answers (`SystemForwarder`)."""
+    """Sends a query to the nameservers in order until one answers (`SystemForwarder`).
+
+    `socket_factory` creates the upstream sockets; in a pod netns it must create them there
+    (e.g. `lambda family, kind: executor.run(socket.socket, family, kind)`), as upstream's
+    per-pod socket factory does. By default they are made in the worker's own netns.
+    """
 
     def __init__(
         self,
@@ -121,18 +131,31 @@ class Forwarder:
         timeout: float = FORWARD_TIMEOUT,
         mark: int | None = None,
         tcp_only: bool = False,
+        socket_factory: SocketFactory | None = None,
     ) -> None:
         self.nameservers = tuple(nameservers) or (Nameserver.parse("127.0.0.1"),)
         self.timeout = timeout
         self.mark = mark
         self.tcp_only = tcp_only
+        self.socket_factory = socket_factory
 
     @classmethod
     def from_resolv_conf(
-        cls, resolv: core.ResolvConf, *, timeout: float, mark: int | None
+        cls,
+        resolv: core.ResolvConf,
+        *,
+        timeout: float,
+        mark: int | None,
+        socket_factory: SocketFactory | None = None,
     ) -> Forwarder:
         servers = [Nameserver.parse(ip) for ip in resolv.nameservers]
-        return cls(servers, timeout=timeout, mark=mark, tcp_only=resolv.use_vc)
+        return cls(
+            servers,
+            timeout=timeout,
+            mark=mark,
+            tcp_only=resolv.use_vc,
+            socket_factory=socket_factory,
+        )
 
     async def forward(self, wire: bytes) -> bytes:
         """The upstream reply to the query `wire`, with `wire`'s id; ForwardError if none."""
@@ -173,8 +196,11 @@ class Forwarder:
             log.debug("dns: tcp retry of a truncated reply failed: %s", e)
             return reply  # the client retries over TCP itself
 
-    def _socket(self, server: Nameserver, kind: socket.SocketKind) -> socket.socket:
-        sock = socket.socket(server.family, kind)
+    async def _socket(self, server: Nameserver, kind: socket.SocketKind) -> socket.socket:
+        if self.socket_factory is None:
+            sock = socket.socket(server.family, kind)
+        else:
+            sock = await self.socket_factory(server.family, kind)
         try:
             sock.setblocking(False)
             if self.mark is not None:
@@ -188,16 +214,20 @@ class Forwarder:
 
     async def _udp(self, server: Nameserver, query: bytes, qend: int, budget: float) -> bytes:
         loop = asyncio.get_running_loop()
-        sock = self._socket(server, socket.SOCK_DGRAM)
+        sock = await self._socket(server, socket.SOCK_DGRAM)
         try:
             sock.connect(server.address)  # only the nameserver's datagrams are delivered
         except OSError:
             sock.close()
             raise
         fut: asyncio.Future[bytes] = loop.create_future()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UpstreamDatagram(fut, query, qend), sock=sock
-        )
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UpstreamDatagram(fut, query, qend), sock=sock
+            )
+        except BaseException:
+            sock.close()
+            raise
         try:
             transport.sendto(query)
             async with asyncio.timeout(budget):
@@ -209,7 +239,7 @@ class Forwarder:
 
     async def _tcp(self, server: Nameserver, query: bytes, qend: int, budget: float) -> bytes:
         loop = asyncio.get_running_loop()
-        sock = self._socket(server, socket.SOCK_STREAM)
+        sock = await self._socket(server, socket.SOCK_STREAM)
         async with asyncio.timeout(budget):
             try:
                 await loop.sock_connect(sock, server.address)
@@ -245,8 +275,10 @@ class _UpstreamDatagram(asyncio.DatagramProtocol):
             self.fut.set_exception(exc)  # e.g. ECONNREFUSED: nothing listens upstream
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Our own close comes after the future is settled; anything else is an error, never
+        # a cancellation (that would cancel the forwarding task instead of failing it).
         if not self.fut.done():
-            self.fut.cancel()
+            self.fut.set_exception(exc or ConnectionResetError("upstream socket closed"))
 
 
 # --- decided-query cache ---------------------------------------------------------------------
@@ -267,21 +299,24 @@ class _Asked:
 
 @dataclass(frozen=True, slots=True)
 class _Decided:
-    """What a query (less its id) was decided to be, for one client and one state."""
+    """What a query (less its id) was decided to be, for one client and one state.
+
+    A mesh answer keeps one rendering per rotation of its (shuffled) addresses, filled in
+    as they are first drawn, from byte 2 on: every address comes first equally often.
+    """
 
     client: Workload
     asked: _Asked
     labels: Labels
-    answer: bytes | None  # the mesh answer from byte 2 on; None when forwarded
-    result: str
-    endpoints: int
+    answer: core.Answer | None  # None: forwarded
+    renderings: list[bytes | None]
 
 
 class _DecisionCache:
-    """Parsing and answering cost ~150 us in dnspython; a repeated query costs a dict lookup.
+    """Parsing and answering cost 150-400 us in dnspython; a repeated query costs a lookup.
 
-    Only decisions that do not depend on the rng are kept (at most one address), and only
-    for the state object they were made from: a new state (any delta) empties the cache.
+    Kept only for the state object a decision was made from (a new state, i.e. any delta,
+    empties it) and for answers of at most MAX_ROTATIONS addresses.
     """
 
     __slots__ = ("_entries", "_state")
@@ -327,6 +362,7 @@ class DNSServer:
         forward_timeout: float = FORWARD_TIMEOUT,
         client_wait: float = CLIENT_WAIT,
         rng: random.Random | None = None,
+        socket_factory: SocketFactory | None = None,
     ) -> None:
         self.config = config
         self._local_workload = proxy_local_workload
@@ -336,14 +372,13 @@ class DNSServer:
         resolv = read_resolv_conf(resolv_conf)
         self.settings = core.Settings.from_config(config, resolv)
         self.forwarder = Forwarder.from_resolv_conf(
-            resolv, timeout=forward_timeout, mark=config.packet_mark
+            resolv, timeout=forward_timeout, mark=config.packet_mark, socket_factory=socket_factory
         )
         self._client_wait = client_wait
         self._rng = rng or random.Random()
         self._cache = _DecisionCache()
         self._pending = 0
         self._closed = False
-        self._tcp_socks: list[socket.socket] = []
         self._udp_socks: list[socket.socket] = []
         self._servers: list[asyncio.Server] = []
         self._udp_transports: list[asyncio.DatagramTransport] = []
@@ -356,17 +391,19 @@ class DNSServer:
         """Bind UDP and TCP on every host (same port); raises sockets.BindError.
 
         Nothing is read until `start_serving`: early queries wait in the socket buffers.
-        Port 0 picks one free port for all of them (tests).
+        Port 0 picks one free port for all of them (tests). In a pod netns, create the
+        sockets there with `bind_pairs` and hand them to `attach` instead.
         """
         mark = self.config.packet_mark if self.config.proxy_mode == "shared" else None
-        for host in host_list:
-            tcp, udp = _bind_pair(host, port, mark)
-            port = tcp.getsockname()[1]
-            self._tcp_socks.append(tcp)
-            self._udp_socks.append(udp)
-            self.addresses.append((host, port))
+        await self.attach(bind_pairs(host_list, port, mark))
+
+    async def attach(self, pairs: Sequence[BoundPair]) -> None:
+        """Serve on sockets bound elsewhere (`bind_pairs`), from `start_serving` on."""
         loop = asyncio.get_running_loop()
-        for tcp in self._tcp_socks:
+        for tcp, udp in pairs:
+            host, port = tcp.getsockname()[:2]
+            self.addresses.append((host, port))
+            self._udp_socks.append(udp)
             server = await loop.create_server(
                 lambda: _TCPConnection(self),
                 sock=tcp,
@@ -434,8 +471,7 @@ class DNSServer:
         labels = core.dns_labels(core.query_type_label(query.rdtype), proto, client)
         asked = _Asked.of(query)
         if isinstance(decision, core.Forward):
-            decided = _Decided(client, asked, labels, None, "forwarded", 0)
-            self._cache.put(proto, query.wire, state, decided)
+            self._cache.put(proto, query.wire, state, _Decided(client, asked, labels, None, []))
             self._start_forward(
                 query.wire, asked, client=client, labels=labels, proto=proto, reply=reply
             )
@@ -445,11 +481,13 @@ class DNSServer:
             reply(decision.wire)
             self._log(client, asked, decision.result, 0)
             return
-        out = decision.render(asked.udp_limit if proto == "udp" else core.MAX_MESSAGE)
+        out = decision.render(self._max_size(asked, proto))
         reply(out)
         self._log(client, asked, decision.result, decision.endpoints)
-        if decision.endpoints <= 1:  # more would be shuffled per query
-            decided = _Decided(client, asked, labels, out[2:], decision.result, decision.endpoints)
+        if decision.endpoints <= MAX_ROTATIONS:
+            renderings: list[bytes | None] = [None] * max(decision.endpoints, 1)
+            renderings[0] = out[2:]
+            decided = _Decided(client, asked, labels, decision, renderings)
             self._cache.put(proto, query.wire, state, decided)
 
     def _serve_cached(self, hit: _Decided, wire: bytes, proto: Protocol, reply: Reply) -> None:
@@ -459,8 +497,18 @@ class DNSServer:
             )
             return
         self._metrics.inc(core.REQUESTS, hit.labels)
-        reply(wire[:2] + hit.answer)
-        self._log(hit.client, hit.asked, hit.result, hit.endpoints)
+        k = self._rng.randrange(len(hit.renderings))
+        rendered = hit.renderings[k]
+        if rendered is None:
+            rendered = hit.renderings[k] = hit.answer.render(self._max_size(hit.asked, proto), k)[
+                2:
+            ]
+        reply(wire[:2] + rendered)
+        self._log(hit.client, hit.asked, hit.answer.result, hit.answer.endpoints)
+
+    @staticmethod
+    def _max_size(asked: _Asked, proto: Protocol) -> int:
+        return asked.udp_limit if proto == "udp" else core.MAX_MESSAGE
 
     # -- waiting for the client workload ------------------------------------------------------
 
@@ -589,7 +637,24 @@ def _why(rcode: int) -> str:
     return f"response code {core.rcode_text(rcode)}"
 
 
-def _bind_pair(host: str, port: int, mark: int | None) -> tuple[socket.socket, socket.socket]:
+def bind_pairs(host_list: Sequence[str], port: int, mark: int | None = None) -> list[BoundPair]:
+    """A TCP listener and a UDP socket (SO_REUSEPORT) per host, all on one port; port 0
+    picks a free one. Synchronous, so it can run on a thread inside a pod netns. On a
+    failure nothing stays bound and sockets.BindError is raised."""
+    pairs: list[BoundPair] = []
+    try:
+        for host in host_list:
+            pairs.append(_bind_pair(host, port, mark))
+            port = pairs[-1][0].getsockname()[1]
+    except BaseException:
+        for tcp, udp in pairs:
+            tcp.close()
+            udp.close()
+        raise
+    return pairs
+
+
+def _bind_pair(host: str, port: int, mark: int | None) -> BoundPair:
     """A TCP listener and a UDP socket on the same host:port (both SO_REUSEPORT)."""
     tries = _BIND_RETRIES if port == 0 else 1
     for attempt in range(tries):
@@ -632,8 +697,7 @@ class _ServerDatagram(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's is no subclass
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
         transport = self.transport
@@ -665,8 +729,7 @@ class _TCPConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         self.server._track(self, opened=True)
         self._touch()
         loop = asyncio.get_running_loop()

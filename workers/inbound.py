@@ -194,7 +194,7 @@ class HBONEServerProtocol(H2Protocol):
         ip, port = hop
         loop = asyncio.get_running_loop()
         try:
-            sock = sockets.new_upstream_socket(ip, self.proxy.config)
+            sock = await self.proxy.new_socket(ip)
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
                     await loop.sock_connect(sock, (ip, port))

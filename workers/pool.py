@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from workers.tunnel import H2Protocol, TunnelLeg
-from ztunnel import sockets, tls
+from ztunnel import tls
 from ztunnel.core import hbone as core
 from ztunnel.core.config import Config
 from ztunnel.core.errors import ZtunnelError
@@ -130,9 +131,15 @@ class HBONEClientProtocol(H2Protocol):
 
 
 class Pool:
-    def __init__(self, config: Config, contexts: tls.ContextCache) -> None:
+    def __init__(
+        self,
+        config: Config,
+        contexts: tls.ContextCache,
+        new_socket: Callable[[str], Awaitable[socket.socket]],
+    ) -> None:
         self.config = config
         self.contexts = contexts
+        self.new_socket = new_socket
         self.conns: dict[WorkloadKey, list[HBONEClientProtocol]] = {}
         self._connecting: dict[WorkloadKey, asyncio.Future[None]] = {}
         self._settings = h2_settings(config, server=False)
@@ -169,7 +176,7 @@ class Pool:
     async def _connect(self, key: WorkloadKey, cert: WorkloadCertificate) -> HBONEClientProtocol:
         loop = asyncio.get_running_loop()
         ip, port = key.dst
-        sock = sockets.new_upstream_socket(ip, self.config)
+        sock = await self.new_socket(ip)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await loop.sock_connect(sock, (ip, port))

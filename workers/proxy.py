@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from workers import authz
@@ -33,6 +33,7 @@ from ztunnel.core.state import ProxyState
 
 log = logging.getLogger(__name__)
 
+SocketFactory = Callable[[str], Awaitable[socket.socket]]
 CONNECT_TIMEOUT = 10.0  # upstream CONNECTION_TIMEOUT (src/proxy.rs)
 RESPONSE_TIMEOUT = 10.0  # CONNECT sent, no response: give up on this stream
 
@@ -69,16 +70,22 @@ class Proxy:
         tracker: ConnectionTracker,
         tasks: TaskSet,
         contexts: tls.ContextCache,
+        new_socket: SocketFactory | None = None,
     ) -> None:
         self.config = config
+        # Upstream sockets: in this process's netns, or (in-pod mode) in the pod's.
+        self.new_socket: SocketFactory = new_socket or self._local_socket
         self.info = info
         self.state = state
         self.certs = certs
         self.tracker = tracker
         self.tasks = tasks
         self.contexts = contexts
-        self.pool = Pool(config, contexts)
+        self.pool = Pool(config, contexts, self.new_socket)
         self.rng = random.Random()
+
+    async def _local_socket(self, ip: str) -> socket.socket:
+        return sockets.new_upstream_socket(ip, self.config)
 
     def local_workload(self) -> Workload | None:
         return self.state().find_by_info(
@@ -273,7 +280,7 @@ class Proxy:
     ) -> None:
         loop = asyncio.get_running_loop()
         try:
-            sock = sockets.new_upstream_socket(hop[0], self.config)
+            sock = await self.new_socket(hop[0])
         except OSError as e:
             return self._tcp_failed(acc, conn, e)
         try:
