@@ -36,6 +36,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -222,8 +223,9 @@ def _impersonated(request: citadel_pb2.IstioCertificateRequest) -> str | None:
 def _load_csr(pem: str) -> x509.CertificateSigningRequest:
     try:
         csr = x509.load_pem_x509_csr(pem.encode())
+        csr.public_key()  # a key type cryptography cannot load is refused here
         valid = csr.is_signature_valid
-    except (ValueError, UnicodeEncodeError) as e:
+    except (ValueError, UnicodeEncodeError, UnsupportedAlgorithm) as e:
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"invalid CSR: {e}") from e
     if not valid:
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "CSR signature is invalid")
@@ -236,7 +238,7 @@ def _csr_identity(csr: x509.CertificateSigningRequest) -> str:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound as e:
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "CSR has no SAN") from e
-    except ValueError as e:  # duplicate or malformed extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as e:
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"invalid CSR extensions: {e}") from e
     names = list(san)
     if len(names) != 1 or not isinstance(names[0], x509.UniformResourceIdentifier):

@@ -9,8 +9,9 @@ ignored: the client already applied its own) on a task of its own.
 Forwarding: UDP from a fresh socket per query (a random source port and a random id, the
 usual spoofing defences), TCP when the reply is truncated, 5 s for the whole query across
 the nameservers in order; network and I/O errors become SERVFAIL. The upstream reply is
-passed through unchanged except for the id, and re-rendered only when it is larger than
-the client's UDP limit (then truncated with TC set).
+passed through unchanged but for the id, AA (cleared) and RA (set), as upstream answers
+forwarded queries; it is re-rendered only when it is larger than the client's UDP limit
+(then truncated with TC set).
 
 Metrics and the upstream quirk they keep: as hickory's resolver reports NXDOMAIN and
 NOERROR-without-answers as lookup errors, `istio_dns_upstream_failures_total` counts those
@@ -158,7 +159,7 @@ class Forwarder:
         )
 
     async def forward(self, wire: bytes) -> bytes:
-        """The upstream reply to the query `wire`, with `wire`'s id; ForwardError if none."""
+        """The upstream reply to the query `wire`, under `wire`'s id; ForwardError if none."""
         loop = asyncio.get_running_loop()
         qend = core.question_end(wire) or len(wire)
         query = core.with_id(wire, secrets.randbits(16))
@@ -175,7 +176,7 @@ class Forwarder:
             except OSError as e:
                 reason = f"io error: {e.strerror or e}"
             else:
-                return wire[:2] + reply[2:]
+                return core.as_forwarded(reply, wire)
         raise ForwardError(reason)
 
     async def _ask(

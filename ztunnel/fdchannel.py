@@ -97,7 +97,7 @@ def encode(msg: Message) -> bytes:
 def decode(header: bytes) -> Message:
     """Raises FdChannelError for bytes that are not a message of this schema."""
     try:
-        msg = _decoder.decode(header)
+        msg: Message = _decoder.decode(header)
     except msgspec.DecodeError as e:
         raise FdChannelError(f"undecodable fd channel header: {e}") from None
     if msg.schema != SCHEMA_VERSION:

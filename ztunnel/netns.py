@@ -31,7 +31,6 @@ T = TypeVar("T")
 CLONE_NEWNET = 0x40000000  # linux/sched.h
 NS_GET_NSTYPE = 0xB703  # _IO(NSIO=0xb7, 0x3), linux/nsfs.h; Linux >= 4.11
 NSFS_MAGIC = 0x6E736673  # linux/magic.h
-PROC_SUPER_MAGIC = 0x9FA0  # /proc/<pid>/ns/net on kernels before nsfs
 THREAD_NETNS = "/proc/thread-self/ns/net"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -78,8 +77,9 @@ def validate(fd: int) -> None:
     """Raise NetnsError unless `fd` is a network-namespace fd.
 
     NS_GET_NSTYPE answers on kernels >= 4.11; elsewhere (ENOTTY from an older nsfs) the
-    filesystem magic must still be nsfs or procfs, as upstream's `validate_ns` checks.
-    A pipe, socket or regular file fails both checks.
+    filesystem must still be nsfs. Upstream's `validate_ns` also accepts procfs (namespace
+    files before Linux 3.19), but that lets any /proc file through, and upstream only logs
+    the result; here it gates the Add. A pipe, socket or regular file fails both checks.
     """
     try:
         nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
@@ -87,7 +87,7 @@ def validate(fd: int) -> None:
         if e.errno == errno.EBADF:
             raise NetnsError(f"fd {fd} is not open") from None
         magic = _fs_magic(fd)
-        if magic not in (NSFS_MAGIC, PROC_SUPER_MAGIC):
+        if magic != NSFS_MAGIC:
             raise NetnsError(
                 f"fd {fd} is not a network namespace (filesystem 0x{magic:x})"
             ) from None
@@ -164,9 +164,7 @@ class NetnsExecutor:
         self._entered = False
         self._lock = threading.Lock()
         self._closed = False
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=name
-        )
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
     def __repr__(self) -> str:
         return f"NetnsExecutor(dev={self.id.dev}, ino={self.id.ino})"

@@ -6,6 +6,7 @@ Mirrors upstream `src/identity/caclient.rs` tests (`fetch_certificate`, `empty_c
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import time
@@ -14,13 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # C-core logs every failed handshake
+
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from controlplane.ca_server import CAService, register
 from controlplane.tls import Root
+from ztunnel.core import ipc
 from ztunnel.core.config import Config
 from ztunnel.core.csr import new_csr
 from ztunnel.core.errors import ConfigError
@@ -33,6 +38,7 @@ from ztunnel.supervisor.caclient import (
     certificate_from_response,
     grpc_target,
 )
+from ztunnel.supervisor.certs import Backoff, CertificateUnavailable, CertManager
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -87,6 +93,11 @@ class Lab:
         self.servers.append(server)
         return bound, service
 
+    @property
+    def root_pem(self) -> bytes:
+        with open(self.root_file, "rb") as f:
+            return f.read()
+
     def config(self, port: int, **env: str) -> Config:
         values = {
             "CA_ADDRESS": f"https://127.0.0.1:{port}",
@@ -138,7 +149,7 @@ async def test_fetch_returns_leaf_key_root_and_validity(lab: Lab) -> None:
     cert = await _fetch(lab.config(port))
     assert cert.identity == ID
     assert len(cert.chain_pem) == 1
-    assert cert.roots_pem == (Path(lab.root_file).read_text(),)
+    assert cert.roots_pem == (lab.root_pem.decode(),)
     leaf = _leaf(cert.chain_pem[0])
     key = serialization.load_pem_private_key(cert.key_pem.encode(), password=None)
     assert leaf.public_key() == key.public_key()
@@ -155,9 +166,7 @@ async def test_token_clusterid_and_ca_headers_reach_the_ca(lab: Lab, tmp_path: P
     assert service is not None
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    config = lab.config(
-        port, AUTH_TOKEN=str(token), CLUSTER_ID="east", CA_HEADER_TENANT="blue"
-    )
+    config = lab.config(port, AUTH_TOKEN=str(token), CLUSTER_ID="east", CA_HEADER_TENANT="blue")
     client = CAClient(config)
     try:
         await client.fetch(ID)
@@ -287,7 +296,7 @@ def test_garbage_in_the_chain_is_a_response_error() -> None:
 async def test_root_file_change_rebuilds_the_channel(lab: Lab) -> None:
     port, _ = await lab.serve()
     client = CAClient(lab.config(port))
-    original = Path(lab.root_file).read_bytes()
+    original = lab.root_pem
     foreign = FakeCA.ephemeral().root_pem.encode()
     try:
         await client.fetch(ID)
@@ -332,7 +341,7 @@ async def test_system_roots_do_not_trust_the_development_ca(lab: Lab) -> None:
 
 async def test_static_pem_root(lab: Lab) -> None:
     port, _ = await lab.serve()
-    cert = await _fetch(lab.config(port, CA_ROOT_CA=Path(lab.root_file).read_text()))
+    cert = await _fetch(lab.config(port, CA_ROOT_CA=lab.root_pem.decode()))
     assert cert.identity == ID
 
 
@@ -371,6 +380,18 @@ def test_config_errors() -> None:
         CAClient(plain)
 
 
+async def test_unreadable_root_file_is_a_start_error(lab: Lab, tmp_path: Path) -> None:
+    root = tmp_path / "root.pem"
+    root.write_text("not a certificate")
+    config = lab.config(1, CA_ROOT_CA=str(root))
+    assert config.ca_root_ca.kind == "file"
+    with pytest.raises(ConfigError, match="holds no PEM certificate"):
+        CAClient(config)
+    root.unlink()
+    with pytest.raises(ConfigError, match="No such file"):
+        CAClient(config)
+
+
 @pytest.mark.parametrize(
     ("address", "target"),
     [
@@ -403,19 +424,33 @@ async def _raw_call(
 
 async def test_ca_refuses_mismatched_impersonation_foreign_domain_and_bad_csr(lab: Lab) -> None:
     port, service = await lab.serve()
-    root = Path(lab.root_file).read_bytes()
+    root = lab.root_pem
     csr, _ = new_csr(ID)
     mismatched = citadel_pb2.IstioCertificateRequest(csr=csr)
     mismatched.metadata.update({"ImpersonatedIdentity": OTHER})
     foreign = citadel_pb2.IstioCertificateRequest(csr=new_csr("spiffe://evil.io/ns/a/sa/b")[0])
     garbage = citadel_pb2.IstioCertificateRequest(csr="-----BEGIN CERTIFICATE REQUEST-----")
+    two_sans = citadel_pb2.IstioCertificateRequest(csr=_csr_with_sans([ID, OTHER]))
+    no_san = citadel_pb2.IstioCertificateRequest(csr=_csr_with_sans([]))
     assert await _raw_call(port, root, mismatched) == grpc.StatusCode.PERMISSION_DENIED
     assert await _raw_call(port, root, foreign) == grpc.StatusCode.PERMISSION_DENIED
     assert await _raw_call(port, root, garbage) == grpc.StatusCode.INVALID_ARGUMENT
+    assert await _raw_call(port, root, two_sans) == grpc.StatusCode.INVALID_ARGUMENT
+    assert await _raw_call(port, root, no_san) == grpc.StatusCode.INVALID_ARGUMENT
     matching = citadel_pb2.IstioCertificateRequest(csr=csr)
     matching.metadata.update({"ImpersonatedIdentity": ID})
     assert await _raw_call(port, root, matching) == grpc.StatusCode.OK
-    assert service is not None and (service.issued, service.failures) == (1, 3)
+    assert service is not None and (service.issued, service.failures) == (1, 5)
+
+
+def _csr_with_sans(uris: list[str]) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    if uris:
+        names = [x509.UniformResourceIdentifier(u) for u in uris]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
+    csr = builder.sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 async def test_ca_signs_only_identities_it_knows(lab: Lab) -> None:
@@ -449,6 +484,36 @@ async def test_ca_fault_hooks(lab: Lab) -> None:
     finally:
         await client.close()
     assert (service.issued, service.failures) == (2, 3)
+
+
+async def test_cert_manager_over_the_ca_client_retries_through_failures(lab: Lab) -> None:
+    port, service = await lab.serve()
+    assert service is not None
+    service.fail_next = 2
+    published: list[ipc.CertificatesChanged] = []
+    client = CAClient(lab.config(port))
+    manager = CertManager(
+        client, published.append, backoff=Backoff(initial=0.02, jitter=0.0, cap=0.05)
+    )
+    try:
+        manager.want({ID})
+        cert = await _eventually(lambda: manager.get(ID))
+    finally:
+        manager.stop()
+        await client.close()
+    assert cert.identity == ID
+    assert (service.issued, service.failures) == (1, 2)
+    assert [m.updated for m in published] == [(cert,)]
+
+
+async def _eventually(call: Callable[[], Awaitable[ipc.WorkloadCertificate]]) -> Any:
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return await call()
+        except CertificateUnavailable:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
 
 
 # --- measurement ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # C-core chatter on every GOAW
 import grpc
 import msgspec
 import pytest
+from google.protobuf import json_format
 from prometheus_client import CollectorRegistry
 
 from controlplane import server as cp_server
@@ -322,14 +323,14 @@ async def test_node_and_metadata_go_on_the_first_request_of_each_type_only(
             req.node.id
             == "ztunnel~10.0.0.9~ztunnel-abc.istio-system~istio-system.svc.cluster.local"
         )
-        meta = req.node.metadata
-        assert meta["NAME"] == "ztunnel-abc"
-        assert meta["NAMESPACE"] == "istio-system"
-        assert meta["INSTANCE_IPS"] == "10.0.0.9"
-        assert meta["NODE_NAME"] == "node-1"
-        assert meta["FOO"] == "bar"
-        assert meta["LABELS"]["app"] == "ztunnel"
-        assert meta["LABELS"]["n"] == 3
+        assert json_format.MessageToDict(req.node.metadata) == {
+            "NAME": "ztunnel-abc",
+            "NAMESPACE": "istio-system",
+            "INSTANCE_IPS": "10.0.0.9",
+            "NODE_NAME": "node-1",
+            "FOO": "bar",  # ISTIO_META_FOO
+            "LABELS": {"app": "ztunnel", "n": 3.0},  # ISTIO_METAJSON_LABELS
+        }
         # wildcard: nothing named either way
         assert list(req.resource_names_subscribe) == []
         assert list(req.resource_names_unsubscribe) == []
@@ -566,7 +567,7 @@ def test_backoff_jitter_stays_between_half_and_the_full_delay() -> None:
 def test_termination_reason_follows_the_upstream_table(
     code: grpc.StatusCode, details: str, established: bool, reason: str
 ) -> None:
-    err = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+    err = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, "")
     assert classify(err, established=established) == reason
 
 

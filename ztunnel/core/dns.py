@@ -3,7 +3,7 @@
 Pure: bytes and parsed messages in, decisions and bytes out; the rng is an argument. The
 glue in `workers/dns.py` owns the sockets, the forwarder, the clock, metrics and logs.
 
-Wire format is dnspython's (`dns.message`, `dns.name`, `dns.rdtypes`): the maintained pure
+Wire format is dnspython's (`dns.message`, `dns.name`, `dns.rdata`): the maintained pure
 Python DNS library, typed (py.typed), with no native code and no required dependencies. It
 parses hostile packets into exceptions rather than crashes and renders with name
 compression and truncation (`to_wire(max_size=..., prefer_truncation=True)`), which we
@@ -23,6 +23,8 @@ differences, each safer or more exact and none visible to a well-behaved client:
   responses is how two servers (or one, spoofed) ping-pong forever. Over TCP it is FORMERR.
 * The access log's `endpoints` is the number of addresses answered; upstream logs the
   answer count before it adds the address records (0, or 1 for the CNAME).
+* A UDP answer too big for the client drops whole RRsets and sets TC (RFC 2181 §9);
+  hickory fills the datagram with part of an RRset. Either way the client retries on TCP.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ HEADER_LEN = 12
 MIN_UDP_PAYLOAD = 512  # RFC 1035 UDP limit; also the EDNS payload floor we echo
 MAX_MESSAGE = 65535  # the TCP length prefix's range
 RA = 0x0080  # header flag bits, for replies built without parsing the query
+_AA_BIT = 0x04  # AA within the third header byte
 _QR = 0x8000
 _OPCODE_MASK = 0x7800
 _RD = 0x0100
@@ -423,15 +426,34 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """An authoritative mesh answer, rendered per transport by `render`."""
+    """An authoritative mesh answer, rendered per transport (and per rotation) by `render`."""
 
-    response: dns.message.Message
-    result: str
-    endpoints: int
+    query: Query
+    result: str  # the access log's `result`
+    addresses: tuple[str, ...] = ()  # in answer order: already shuffled
+    cname: dns.name.Name | None = None  # the stripped name the query name points at
 
-    def render(self, max_size: int) -> bytes:
-        """Wire form within `max_size`; records that do not fit are dropped with TC set."""
-        return self.response.to_wire(max_size=max_size, prefer_truncation=True)
+    @property
+    def endpoints(self) -> int:
+        return len(self.addresses)
+
+    def render(self, max_size: int, rotation: int = 0) -> bytes:
+        """Wire form within `max_size` (records that do not fit are dropped, TC set), with
+        the addresses rotated left by `rotation`: another order of the same answer."""
+        resp = _response(self.query)
+        resp.flags |= dns.flags.AA
+        owner = self.query.name
+        if self.cname is not None:
+            resp.answer.append(dns.rrset.from_rdata(owner, TTL, _cname(self.cname)))
+            owner = self.cname
+        if self.addresses:
+            k = rotation % len(self.addresses)
+            order = self.addresses[k:] + self.addresses[:k]
+            rdatas = [_rdata(self.query.rdtype, a) for a in order]
+            resp.answer.append(dns.rrset.from_rdata_list(owner, TTL, rdatas))
+        # want_shuffle=False: dnspython shuffles RRsets with the global `random` by default;
+        # the order is ours (the rng's shuffle, then the rotation).
+        return resp.to_wire(max_size=max_size, prefer_truncation=True, want_shuffle=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,8 +464,8 @@ class Forward:
 FORWARD = Forward()
 Decision = Answer | Forward | Reply
 
-# Everything dnspython raises for malformed input (it is documented to raise DNSException
-# subclasses; the others have been seen from corner cases of its parsers).
+# What parsing hostile bytes may raise. dnspython documents DNSException subclasses; the
+# rest are defensive: a parser corner case must become FORMERR, not a dead listener.
 _PARSE_ERRORS = (
     dns.exception.DNSException,
     ValueError,
@@ -547,23 +569,17 @@ def answer(
     match = find_server(state, aliases, client, settings.preferred_namespace, domain)
     if match is None:
         return FORWARD
-    resp = _response(query)
-    resp.flags |= dns.flags.AA
     if not family_allowed(match.service, query.rdtype, settings.ipv6_enabled):
         # Not NXDOMAIN: the name exists, it has no records of this type.
-        return Answer(resp, "service does not support this record type", 0)
+        return Answer(query, "service does not support this record type")
     addrs = addresses(state, match.service, client, query.rdtype, rng)
     if not addrs:
-        return Answer(resp, "no records", 0)
-    owner = query.name
+        return Answer(query, "no records")
+    cname = None
     if match.alias.stripped is not None and not match.wildcard:
         # Found by stripping a search domain: point the asked name at the stripped one.
-        target = _leading_labels(query.name, match.alias.stripped.count(".") + 1)
-        resp.answer.append(dns.rrset.from_rdata(owner, TTL, _cname(target)))
-        owner = target
-    rdatas = [_rdata(query.rdtype, a) for a in addrs]
-    resp.answer.append(dns.rrset.from_rdata_list(owner, TTL, rdatas))
-    return Answer(resp, "success", len(addrs))
+        cname = _leading_labels(query.name, match.alias.stripped.count(".") + 1)
+    return Answer(query, "success", tuple(addrs), cname)
 
 
 def _leading_labels(name: dns.name.Name, count: int) -> dns.name.Name:
@@ -608,6 +624,12 @@ def with_id(wire: bytes, qid: int) -> bytes:
     return qid.to_bytes(2, "big") + wire[2:]
 
 
+def as_forwarded(reply: bytes, query: bytes) -> bytes:
+    """The upstream reply for the client: its query's id, AA cleared and RA set, as upstream
+    sends forwarded answers (non-authoritative, recursion available); the rest as is."""
+    return query[:2] + bytes((reply[2] & ~_AA_BIT & 0xFF, reply[3] | RA)) + reply[4:]
+
+
 def reply_matches(reply: bytes, query: bytes, qend: int) -> bool:
     """Is `reply` the answer to `query`: same id, QR set, same question bytes.
 
@@ -636,6 +658,6 @@ def fit_udp(reply: bytes, limit: int) -> bytes | None:
         return reply
     try:
         msg = dns.message.from_wire(reply)
-        return msg.to_wire(max_size=limit, prefer_truncation=True)
+        return msg.to_wire(max_size=limit, prefer_truncation=True, want_shuffle=False)
     except _PARSE_ERRORS:
         return None

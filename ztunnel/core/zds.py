@@ -11,6 +11,7 @@ The socket work lives in `ztunnel.supervisor.zds` (client) and `controlplane.cni
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -153,10 +154,8 @@ def _add(add: zds_pb2.AddWorkload, fds: list[int]) -> AddWorkload | ZdsError:
 def close_fds(fds: Iterable[int]) -> None:
     """Close received descriptors, ignoring ones already closed."""
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 # --- encoding -----------------------------------------------------------------------------------

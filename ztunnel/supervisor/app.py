@@ -31,7 +31,12 @@ from ztunnel.supervisor.admin import admin_routes
 from ztunnel.supervisor.aggregate import WorkerMetricsCollector
 from ztunnel.supervisor.arbiter import Arbiter
 from ztunnel.supervisor.caclient import CAClient
-from ztunnel.supervisor.certs import CertificateSource, CertManager, FakeCASource
+from ztunnel.supervisor.certs import (
+    CertificateSource,
+    CertManager,
+    FakeCASource,
+    wanted_identities,
+)
 from ztunnel.supervisor.channel import StateChannel
 from ztunnel.supervisor.http import HTTPServer
 from ztunnel.supervisor.localsource import LocalSource
@@ -222,6 +227,8 @@ class Supervisor:
                 task.cancel()
         if self.certs is not None:
             self.certs.stop()
+            if isinstance(self.certs.source, CAClient):
+                await self.certs.source.close()
         if self.arbiter is not None:
             await self.arbiter.stop(grace)
         for server in self.servers:
@@ -278,15 +285,7 @@ class Supervisor:
         """Apply a state change, then make sure the certificates it implies are wanted."""
         self.store.apply(delta)
         if self.certs is not None:
-            self.certs.want(self._wanted_identities())
-
-    def _wanted_identities(self) -> set[str]:
-        """Dedicated mode: the one proxied workload's identity (upstream fetches it lazily)."""
-        info = self.config.workload_info
-        if info is None:
-            return set()
-        local = self.store.state.find_by_info(info.name, info.namespace, info.service_account)
-        return {local.identity()} if local is not None else set()
+            self.certs.want(wanted_identities(self.store.state, self.config))
 
     def _snapshot(self) -> ipc.Snapshot:
         seq = self.store.publisher.seq

@@ -44,7 +44,6 @@ from google.protobuf import struct_pb2
 from ztunnel.core.config import AuthSource, Config, RootCert
 from ztunnel.core.csr import new_csr
 from ztunnel.core.errors import ConfigError, ZtunnelError
-from ztunnel.core.identity import Identity
 from ztunnel.core.ipc import WorkloadCertificate
 from ztunnel.gen import citadel_pb2, citadel_pb2_grpc
 
@@ -150,6 +149,8 @@ def _first_uri_san(cert: x509.Certificate) -> str | None:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return None
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as e:
+        raise CAResponseError(f"leaf certificate extensions: {e}") from e
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     return uris[0] if uris else None
 
@@ -252,7 +253,10 @@ class CAClient:
         self._validity = int(config.secret_ttl)
         self._roots = _Roots(config.ca_root_ca)
         if config.ca_root_ca.kind == "file":
-            self._roots.load()  # an unreadable root file is a start-up error, as upstream
+            try:
+                self._roots.load()  # an unreadable root file is a start-up error, as upstream
+            except CAError as e:
+                raise ConfigError(str(e)) from e
         self._conn: _Conn | None = None
         self._generation = 0
 
@@ -263,7 +267,6 @@ class CAClient:
 
     async def fetch(self, identity: str) -> WorkloadCertificate:
         """A new certificate for `identity`; raises CAError (or IdentityError)."""
-        Identity.parse(identity)
         csr_pem, key_pem = new_csr(identity)
         request = citadel_pb2.IstioCertificateRequest(
             csr=csr_pem, validity_duration=self._validity, metadata=self._request_metadata(identity)

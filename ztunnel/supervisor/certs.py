@@ -157,25 +157,39 @@ class _Entry:
 class _Queue:
     """Pending fetches: highest priority first, then earliest due (upstream `PendingPriority`).
 
-    A heap with lazy deletion; `_keys` holds each identity's live entry.
+    A heap with lazy deletion; `_keys` holds each identity's live entry. Stale entries of
+    forgotten identities would otherwise linger until their (hours away) refresh time, so
+    the heap is rebuilt once they outnumber the live ones.
     """
 
     def __init__(self) -> None:
         self._heap: list[tuple[int, float, int, str]] = []
         self._keys: dict[str, tuple[int, float, int]] = {}
         self._seq = itertools.count()  # FIFO among equal priority and due time
+        self._stale = 0
 
     def push(self, identity: str, priority: Priority, due: float) -> None:
         """Queue `identity`, or make its queued fetch more urgent (`push_increase`)."""
         current = self._keys.get(identity)
-        if current is not None and (-priority, due) >= current[:2]:
-            return
+        if current is not None:
+            if (-priority, due) >= current[:2]:
+                return
+            self._stale += 1
         key = (-int(priority), due, next(self._seq))
         self._keys[identity] = key
         heapq.heappush(self._heap, (*key, identity))
 
     def remove(self, identity: str) -> None:
-        self._keys.pop(identity, None)
+        if self._keys.pop(identity, None) is None:
+            return
+        self._stale += 1
+        if self._stale > 64 and self._stale > len(self._keys):
+            self._heap = [(*key, identity) for identity, key in self._keys.items()]
+            heapq.heapify(self._heap)
+            self._stale = 0
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
     def peek(self) -> tuple[str, float] | None:
         """The most urgent identity and when it is due."""
@@ -184,6 +198,7 @@ class _Queue:
             if self._keys.get(identity) == (neg_priority, due, seq):
                 return identity, due
             heapq.heappop(self._heap)  # superseded or removed
+            self._stale = max(0, self._stale - 1)
         return None
 
     def pop(self) -> str:
@@ -194,6 +209,7 @@ class _Queue:
     def clear(self) -> None:
         self._heap.clear()
         self._keys.clear()
+        self._stale = 0
 
 
 class CertManager:

@@ -24,6 +24,7 @@ Deliberate differences from upstream:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -416,10 +417,12 @@ class XDSClient:
 
     async def _send(self, req: Request) -> None:
         call = self._call
-        if call is None:
+        if call is None or call.done():
             return  # not connected: the next connection's initial requests cover it
+        # The call may end meanwhile; reading it then reports why.
         async with self._write_lock:
-            await call.write(req)
+            with contextlib.suppress(asyncio.InvalidStateError):
+                await call.write(req)
 
     def _initial_requests(self) -> list[Request]:
         out = []

@@ -107,7 +107,7 @@ class ZDSClient:
             while True:
                 sock = await self._connect()
                 try:
-                    await self._session(sock)
+                    await self._serve_connection(sock)
                     log.info("node agent closed the ZDS connection")
                 except (OSError, zds.ZdsError) as e:
                     log.warning("ZDS connection ended: %s", e)
@@ -135,7 +135,7 @@ class ZDSClient:
                 )
                 await asyncio.sleep(delay)
 
-    async def _session(self, sock: socket.socket) -> None:
+    async def _serve_connection(self, sock: socket.socket) -> None:
         self._state.on_connect()
         await fdchannel.asend_packet(sock, zds.encode_hello())
         self.connections += 1
