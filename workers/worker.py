@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from workers import authz
+from workers.dns import DNSServer, bind_hosts
 from workers.inbound import HBONEListener
 from workers.metrics import WorkerMetrics
 from workers.proxy import Proxy
@@ -26,7 +27,7 @@ from workers.tasks import TaskSet
 from workers.tracking import ConnectionTracker
 from ztunnel import sockets, tls
 from ztunnel.core import ipc
-from ztunnel.core.config import Config
+from ztunnel.core.config import Config, WorkloadInfo
 from ztunnel.core.errors import SchemaMismatch
 from ztunnel.core.state import ProxyState
 from ztunnel.telemetry import LogControl
@@ -61,7 +62,7 @@ class Worker:
         self.metrics = WorkerMetrics()
         self.tracker = ConnectionTracker(self.metrics)
         self.tasks = TaskSet()
-        self.servers: list[asyncio.Server | HBONEListener] = []
+        self.servers: list[asyncio.Server | HBONEListener | DNSServer] = []
         self.certs: dict[str, ipc.WorkloadCertificate] = {}
         self.contexts = tls.ContextCache()
         self.proxies: list[Proxy] = []
@@ -132,7 +133,11 @@ class Worker:
 
     async def _bind_listeners(self) -> None:
         info = self.config.workload_info
-        if not self.config.enable_proxy or info is None:
+        if info is None:
+            return
+        if self.config.dns_proxy:  # upstream runs DNS even with ENABLE_PROXY=false
+            await self._bind_dns(info)
+        if not self.config.enable_proxy:
             return
         proxy = Proxy(
             self.config,
@@ -150,6 +155,18 @@ class Worker:
         self.servers.append(HBONEListener(proxy, sockets.bind_listener(any_addr, cfg.inbound_port)))
         if cfg.socks5_enabled:
             await self._serve("127.0.0.1", cfg.socks5_port, proxy.socks5_protocol)
+
+    async def _bind_dns(self, info: WorkloadInfo) -> None:
+        cfg = self.config
+        server = DNSServer(
+            cfg,
+            lambda: self.state.find_by_info(info.name, info.namespace, info.service_account),
+            lambda: self.state,
+            self.metrics,
+            self.tasks,
+        )
+        await server.bind(bind_hosts(cfg), cfg.dns_proxy_addr.port)
+        self.servers.append(server)
 
     async def _serve(
         self, host: str, port: int, factory: Callable[[], asyncio.BaseProtocol]

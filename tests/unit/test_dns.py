@@ -505,9 +505,7 @@ def test_aaaa_needs_ipv6_enabled() -> None:
 
 
 def test_client_network_selects_vips() -> None:
-    nw2_client = workload("client", NS1, "10.0.0.1").__class__(
-        uid="c2", name="c2", namespace=NS1, network=NW2
-    )
+    nw2_client = Workload(uid="c2", name="c2", namespace=NS1, network=NW2)
     got = records(decide("both-networks.ns1.svc.cluster.local.", client=nw2_client))
     assert got == [("both-networks.ns1.svc.cluster.local.", A, "22.22.22.22")]
 

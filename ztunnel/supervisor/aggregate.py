@@ -51,8 +51,25 @@ FAMILIES: dict[str, Family] = {
             "The total number of TCP connections that failed to establish (unstable)",
         ),
         Family(m.TCP_SOCKETS_OPEN, "gauge", "The current number of open TCP sockets (unstable)"),
+        Family("istio_dns_requests", "counter", "Total number of DNS requests (unstable)"),
+        Family(
+            "istio_dns_upstream_requests",
+            "counter",
+            "Total number of DNS requests forwarded to upstream (unstable)",
+        ),
+        Family(
+            "istio_dns_upstream_failures",
+            "counter",
+            "Total number of DNS requests that failed to forward upstream (unstable)",
+        ),
+        Family(
+            "istio_dns_upstream_request_duration_seconds",
+            "histogram",
+            "Total time in seconds Istio takes to get DNS response from upstream (unstable)",
+        ),
     )
 }
+_HISTOGRAM_PARTS = ("_bucket", "_sum", "_count")
 
 
 class WorkerMetricsCollector(Collector):
@@ -86,8 +103,27 @@ class WorkerMetricsCollector(Collector):
             for (family, labels), v in per_worker.items():
                 fam = series[family]
                 fam[labels] = fam.get(labels, 0.0) + v
+        histograms: defaultdict[str, list[tuple[str, dict[m.Labels, float]]]] = defaultdict(list)
         for name in sorted(series):
-            yield _metric(name, series[name])
+            base = _histogram_base(name)
+            if base is not None:
+                histograms[base].append((name, series[name]))
+            else:
+                yield _metric(name, series[name])
+        for base, parts in sorted(histograms.items()):
+            metric = Metric(base, FAMILIES[base].help, "histogram")
+            for name, values in parts:
+                metric.samples += [Sample(name, dict(ls), v) for ls, v in values.items()]
+            yield metric
+
+
+def _histogram_base(name: str) -> str | None:
+    """Histograms arrive as `<base>_bucket` / `_sum` / `_count` counter increments."""
+    for part in _HISTOGRAM_PARTS:
+        base = name.removesuffix(part)
+        if base != name and FAMILIES.get(base, Family(base, "", "")).kind == "histogram":
+            return base
+    return None
 
 
 def _metric(name: str, values: dict[m.Labels, float]) -> Metric:
