@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 0.25  # seconds between checks of the config file's mtime and size
 WILDCARD = "*"
+KEPT_NACKS = 64  # per stream, newest last
 
 Request = xds_pb2.DeltaDiscoveryRequest
 Response = xds_pb2.DeltaDiscoveryResponse
@@ -59,7 +61,7 @@ class StreamInfo:
     node_id: str = ""
     node_metadata: dict[str, object] = field(default_factory=dict)
     acks: int = 0
-    nacks: list[Nack] = field(default_factory=list)
+    nacks: deque[Nack] = field(default_factory=lambda: deque(maxlen=KEPT_NACKS))
 
     @property
     def last_nack(self) -> Nack | None:

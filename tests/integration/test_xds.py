@@ -181,7 +181,7 @@ StartZtunnel = Callable[..., ZtunnelProcess]
 
 
 @pytest.fixture
-def xds_ztunnel(ca_dir: Path) -> Iterator[StartZtunnel]:
+def xds_ztunnel(ca_dir: Path, tmp_path: Path) -> Iterator[StartZtunnel]:
     started: list[ZtunnelProcess] = []
 
     def start(port: int, *, ready: bool = True, workers: int = WORKERS) -> ZtunnelProcess:
@@ -192,6 +192,7 @@ def xds_ztunnel(ca_dir: Path) -> Iterator[StartZtunnel]:
                 "XDS_ADDRESS": f"https://{LOCALHOST}:{port}",
                 "XDS_ROOT_CA": str(ca_dir / "root-cert.pem"),
                 "ISTIO_META_DNS_CAPTURE": "false",  # no DNS listener on the shared 15053
+                "FAKE_CA_DIR": str(tmp_path / "fake-ca"),  # a root of our own
                 "GRPC_VERBOSITY": "ERROR",
             }
         )

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# gRPC's C core logs to stderr on its own (e.g. "Got goaway" at INFO); only errors, please.
+# Must be set before grpc is imported anywhere.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import asyncio
 import logging
-import os
 import resource
 import sys
 

@@ -373,7 +373,7 @@ class XDSClient:
             target = grpc_target(self._address)
             credentials = self._credentials()
             metadata = self._metadata()
-        except (OSError, XDSError) as e:
+        except (OSError, ValueError, XDSError) as e:  # ValueError: a token that is not UTF-8
             return Termination("Error", False, str(e))
         channel = grpc.aio.secure_channel(target, credentials, options=self._channel_options())
         try:
