@@ -116,10 +116,15 @@ class HBONEServerProtocol(H2Protocol):
             cast(asyncio.Transport, transport).abort()
             return
         super().connection_made(transport)
+        self.proxy.inbound_connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         if not self.closed:
             super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proxy.inbound_connections.discard(self)
+        super().connection_lost(exc)
 
     def on_event(self, ev: hbone.Event) -> None:
         if isinstance(ev, hbone.ConnectRequested):

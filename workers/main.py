@@ -1,7 +1,9 @@
-"""Worker process entry point: `python -m workers --index N --runtime-dir DIR`.
+"""Worker process entry point: `python -m workers --index N --runtime-dir DIR [--fd-channel FD]`.
 
 Started by the supervisor with spawn/exec (never a plain fork: the supervisor may hold gRPC
 state, which is not fork-safe). The worker reads the same environment as the supervisor.
+In shared (in-pod) mode `--fd-channel` names the inherited end of the supervisor's fd
+channel (`ztunnel.fdchannel`), over which pods' netns fds arrive.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import uvloop
 
 from workers.worker import Endpoints, Worker
+from ztunnel import fdchannel
 from ztunnel.core import ipc
 from ztunnel.core.config import Config
 from ztunnel.core.errors import ConfigError
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ztunnel-worker")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--runtime-dir", required=True)
+    parser.add_argument("--fd-channel", type=int, default=None, metavar="FD")
     args = parser.parse_args(argv)
     _die_with_parent()
     try:
@@ -46,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worker {args.index}: {e}", file=sys.stderr)
         return ipc.EXIT_BOOT_ERROR
     logs = configure_logging(config.log_format, config.log_level, f"worker{args.index}")
-    worker = Worker(config, args.index, Endpoints.in_dir(args.runtime_dir), logs)
+    try:
+        channel = fdchannel.from_fd(args.fd_channel) if args.fd_channel is not None else None
+    except OSError as e:
+        print(f"worker {args.index}: bad --fd-channel {args.fd_channel}: {e}", file=sys.stderr)
+        return ipc.EXIT_BOOT_ERROR
+    worker = Worker(
+        config, args.index, Endpoints.in_dir(args.runtime_dir), logs, fd_channel=channel
+    )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         code = runner.run(worker.run())
     logging.shutdown()

@@ -21,7 +21,7 @@ from workers.pool import HBONEClientProtocol, Pool, PoolError, WorkloadKey
 from workers.relay import Relay
 from workers.tasks import TaskSet
 from workers.tracking import ConnectionTracker, Tracked, log_failed
-from workers.tunnel import TunnelLeg
+from workers.tunnel import H2Protocol, TunnelLeg
 from ztunnel import sockets, tls
 from ztunnel.core import hbone, rbac, routing
 from ztunnel.core import metrics as m
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SocketFactory = Callable[[str], Awaitable[socket.socket]]
 CONNECT_TIMEOUT = 10.0  # upstream CONNECTION_TIMEOUT (src/proxy.rs)
 RESPONSE_TIMEOUT = 10.0  # CONNECT sent, no response: give up on this stream
+CLOSED_ERROR = "connection closed because the proxy was stopped"
 
 
 @dataclass(slots=True)
@@ -82,7 +83,9 @@ class Proxy:
         self.tasks = tasks
         self.contexts = contexts
         self.pool = Pool(config, contexts, self.new_socket)
+        self.inbound_connections: set[H2Protocol] = set()  # HBONE server connections
         self.rng = random.Random()
+        self.closed = False  # closed (its pod is gone): connections still connecting give up
 
     async def _local_socket(self, ip: str) -> socket.socket:
         return sockets.new_upstream_socket(ip, self.config)
@@ -290,6 +293,12 @@ class Proxy:
         except (OSError, TimeoutError) as e:
             sock.close()
             return self._tcp_failed(acc, conn, e)
+        if self.closed:
+            conn.error = conn.error or CLOSED_ERROR
+            relay.abort()
+            acc.reject()
+            self.tracker.closed(conn)
+            return
         if not acc.handoff(relay.downstream):
             relay.abort()
             self.tracker.closed(conn)
@@ -351,6 +360,11 @@ class Proxy:
             h2 = await self.pool.checkout(key, cert)
         except PoolError as e:
             return self._hbone_failed(acc, conn, str(e), e.flag)
+        except OSError as e:  # the upstream socket could not even be created
+            return self._hbone_failed(acc, conn, _describe(e), "CONNECT")
+        if self.closed:
+            h2.close()  # made for a pool that was closed meanwhile
+            return self._hbone_failed(acc, conn, CLOSED_ERROR, "CONNECT")
         if acc.lost:
             return self.tracker.closed(conn)
         status = await self._open_stream(h2, leg, conn, acc, plan)
@@ -358,6 +372,9 @@ class Proxy:
             leg.abort()
             reason = f"http status: {status}" if status else "connection closed before response"
             return self._hbone_failed(acc, conn, reason, "CONNECT")
+        if self.closed:
+            leg.abort()
+            return self._hbone_failed(acc, conn, CLOSED_ERROR, "CONNECT")
         if not acc.handoff(leg):
             leg.abort()
             self.tracker.closed(conn)
@@ -430,7 +447,11 @@ class Proxy:
         self._start_tcp(acc, src, (dst_ip, dst_port), labels, ctx)
 
     def close(self) -> None:
+        """The workload is gone (pod deleted, drain over): end its HBONE connections too."""
+        self.closed = True
         self.pool.close()
+        for conn in tuple(self.inbound_connections):
+            conn.abort()
 
 
 def _chain(

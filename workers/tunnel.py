@@ -205,7 +205,8 @@ class H2Protocol(asyncio.Protocol):
         self.legs: dict[int, TunnelLeg] = {}
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_when: float | None = None
         self._loop = asyncio.get_running_loop()
         self._tls_paused = False
 
@@ -295,19 +296,20 @@ class H2Protocol(asyncio.Protocol):
 
     def _arm_timer(self) -> None:
         when = self.core.get_timer()
-        if when is None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            return
-        if self._timer is not None and self._timer.when() == when:
+        if when == self._timer_when:
             return
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._loop.call_at(when, self._on_timer)
+            self._timer = None
+        self._timer_when = when
+        if when is not None:
+            # uvloop returns a plain Handle (no `.when()`) for a deadline already past,
+            # so the deadline is remembered here rather than read back from the handle.
+            self._timer = self._loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
+        self._timer_when = None
         if self.closed:
             return
         self._dispatch(self.core.handle_timer(self._loop.time()))

@@ -3,6 +3,11 @@
 A worker binds its own SO_REUSEPORT listeners (the kernel spreads connections across
 workers), follows the supervisor's state with the Clone pattern, and never blocks on the
 supervisor on the data path: it serves from the last state it has.
+
+Dedicated mode: one proxy, its listeners in the worker's own netns. Shared (in-pod) mode:
+one proxy per pod, created by `workers.inpod.InPodManager` as pods arrive on the fd
+channel, each with listeners inside its pod's netns and a connection tracker of its own;
+drain, metrics and policy rechecks go over every tracker in `trackers`.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +27,7 @@ import zmq.asyncio
 from workers import authz
 from workers.dns import DNSServer, bind_hosts
 from workers.inbound import HBONEListener
+from workers.inpod import InPodManager
 from workers.metrics import WorkerMetrics
 from workers.proxy import Proxy
 from workers.tasks import TaskSet
@@ -52,7 +59,15 @@ class Endpoints:
 
 
 class Worker:
-    def __init__(self, config: Config, index: int, endpoints: Endpoints, logs: LogControl) -> None:
+    def __init__(
+        self,
+        config: Config,
+        index: int,
+        endpoints: Endpoints,
+        logs: LogControl,
+        *,
+        fd_channel: socket.socket | None = None,
+    ) -> None:
         self.config = config
         self.index = index
         self.endpoints = endpoints
@@ -61,12 +76,26 @@ class Worker:
         self.follower = ipc.CloneFollower()
         self.metrics = WorkerMetrics()
         self.tracker = ConnectionTracker(self.metrics)
+        self.trackers: list[ConnectionTracker] = [self.tracker]  # + one per pod (shared mode)
         self.tasks = TaskSet()
         self.servers: list[asyncio.Server | HBONEListener | DNSServer] = []
         self.certs: dict[str, ipc.WorkloadCertificate] = {}
         self.contexts = tls.ContextCache()
         self.proxies: list[Proxy] = []
         self.listening = False
+        self.inpod: InPodManager | None = None
+        if fd_channel is not None:
+            self.inpod = InPodManager(
+                config,
+                fd_channel,
+                index=index,
+                state=lambda: self.state,
+                certs=lambda: self.certs,
+                contexts=self.contexts,
+                tasks=self.tasks,
+                metrics=self.metrics,
+                trackers=self.trackers,
+            )
         self._stop = asyncio.Event()
         self._exit_code = ipc.EXIT_OK
         self._ctx = zmq.asyncio.Context()
@@ -90,10 +119,14 @@ class Worker:
         self.tasks.spawn(self._recv_loop(self._sub, self._on_pub), name="state-sub")
         self.tasks.spawn(self._recv_loop(self._dealer, self._on_direct), name="control")
         self.tasks.spawn(self._heartbeat(), name="heartbeat")
+        if self.inpod is not None:
+            self.tasks.spawn(self.inpod.run(), name="fd-channel")
         await self._stop.wait()
         if self._exit_code == ipc.EXIT_OK:
             await self._drain()
         await self.tasks.cancel_all()
+        if self.inpod is not None:
+            self.inpod.close()
         self._send(self._metrics_push(final=True))
         self._close_channel()
         return self._exit_code
@@ -113,20 +146,26 @@ class Worker:
         """Stop accepting; let connections finish until the deadline; then cut them."""
         for server in self.servers:
             server.close()
+        if self.inpod is not None:
+            self.inpod.stop_accepting()
+        trackers = tuple(self.trackers)
         try:
             async with asyncio.timeout(self.config.termination_deadline):
-                await self.tracker.wait_empty()
+                await asyncio.gather(*(t.wait_empty() for t in trackers))
         except TimeoutError:
             log.info(
                 "worker %d: drain deadline reached, closing %d connections",
                 self.index,
-                len(self.tracker),
+                sum(len(t) for t in trackers),
             )
-        for conn in self.tracker:
-            conn.error = conn.error or "connection closed due to connection drain"
-            conn.flow.abort()
+        for tracker in trackers:
+            for conn in tracker:
+                conn.error = conn.error or "connection closed due to connection drain"
+                conn.flow.abort()
         for proxy in self.proxies:
             proxy.close()
+        if self.inpod is not None:
+            self.inpod.close_proxies()
         await asyncio.sleep(0.05)  # let connection_lost callbacks account the aborted ones
 
     # -- listeners ----------------------------------------------------------------------------
@@ -182,6 +221,8 @@ class Worker:
     async def _start_serving(self) -> None:
         for server in self.servers:
             await server.start_serving()
+        if self.inpod is not None:
+            await self.inpod.start_serving()  # pods that arrived before the first snapshot
         self.listening = True
         self._ack()
 
@@ -239,7 +280,8 @@ class Worker:
             self.state = self.state.apply(payload.delta)
             if payload.delta.touches_policies():
                 info = self.config.authz_policy_info_logging
-                authz.recheck(self.tracker, self.state, info_logging=info)
+                for tracker in tuple(self.trackers):
+                    authz.recheck(tracker, self.state, info_logging=info)
         elif isinstance(payload, ipc.CertificatesChanged):
             certs = dict(self.certs)
             certs.update((c.identity, c) for c in payload.updated)
@@ -267,5 +309,6 @@ class Worker:
             self._send(self._metrics_push())
 
     def _metrics_push(self, *, final: bool = False) -> ipc.MetricsPush:
-        self.tracker.fold_live_bytes()
+        for tracker in self.trackers:
+            tracker.fold_live_bytes()
         return self.metrics.take_push(final=final)

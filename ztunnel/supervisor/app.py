@@ -4,6 +4,10 @@ Start order matters: ports are checked and the admin/stats/readiness servers bou
 (a port in use is a fatal start error), then workers are spawned (before any gRPC channel
 could exist), then state sources start. Shutdown: stop taking new work, drain the workers
 within the deadline, close the servers, exit 0.
+
+Shared (in-pod) mode adds the ZDS client: started once the first state is in (local config
+loaded, or the first xDS sync), it hands each pod's netns to the `PodManager`, which gets
+every worker to serve the pod from inside that netns (reference §14).
 """
 
 from __future__ import annotations
@@ -14,18 +18,20 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
+from ztunnel import netns
 from ztunnel.core import ipc
 from ztunnel.core.config import Config
 from ztunnel.core.errors import ConfigError, ZtunnelError
 from ztunnel.core.model import StateDelta
 from ztunnel.core.state import ProxyState
-from ztunnel.sockets import BindError, probe_port_free
+from ztunnel.sockets import SO_MARK, BindError, probe_port_free
 from ztunnel.supervisor import configdump
 from ztunnel.supervisor.admin import admin_routes
 from ztunnel.supervisor.aggregate import WorkerMetricsCollector
@@ -41,8 +47,11 @@ from ztunnel.supervisor.channel import StateChannel
 from ztunnel.supervisor.http import HTTPServer
 from ztunnel.supervisor.localsource import LocalSource
 from ztunnel.supervisor.metrics import build_registry, metrics_routes
+from ztunnel.supervisor.pods import PodManager
 from ztunnel.supervisor.readiness import Readiness, readiness_routes
 from ztunnel.supervisor.xds import XDSClient
+from ztunnel.supervisor.zds import READINESS_TASK as READY_WORKLOADS
+from ztunnel.supervisor.zds import ZDSClient
 from ztunnel.telemetry import LogControl
 from ztunnel.version import BuildInfo
 
@@ -112,6 +121,9 @@ class Supervisor:
         self._snapshot_cache: tuple[int, ipc.Snapshot] | None = None
         self._logged_seq = -1
         self._watch_task: asyncio.Task[None] | None = None
+        self.pods: PodManager | None = None
+        self.zds: ZDSClient | None = None
+        self._zds_task: asyncio.Task[None] | None = None
         self.store.on_publish = self._update_readiness
         # A level set through /logging applies to every worker, where the access log lives.
         logs.on_change = lambda spec: self.store.publish(ipc.LogLevelChanged(spec=spec))
@@ -135,12 +147,17 @@ class Supervisor:
         return 0
 
     async def _start(self) -> None:
-        self._check_supported()
+        shared = self.config.proxy_mode == "shared"
         self.readiness.register(READY_STATE)
         self.readiness.register(READY_PROXY)
+        if shared:
+            self.readiness.register(READY_WORKLOADS)
+            _verify_inpod_privileges()
         self._probe_data_plane_ports()
         await self._start_http()
         self.store.channel = StateChannel(self.runtime_dir)
+        if shared:
+            self.pods = PodManager(self.registry)
         self.arbiter = Arbiter(
             self.config.workers,
             runtime_dir=self.runtime_dir,
@@ -149,6 +166,8 @@ class Supervisor:
             collector=self.collector,
             on_fatal=self._on_fatal,
             on_progress=self._update_readiness,
+            fd_channels=shared,
+            on_worker_started=self.pods.worker_started if self.pods is not None else None,
         )
         log.info(
             "starting %d worker processes (%s)", self.config.workers, self.config.workers_source
@@ -160,13 +179,13 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._watch_task = loop.create_task(self.local.watch(self.apply), name="local-config-watch")
         if self.config.xds_address is None:
-            self.readiness.mark_ready(READY_STATE)
+            self._on_synced()
         else:
             self.xds = XDSClient(
                 self.config,
                 state=lambda: self.store.state,
                 on_update=self.apply,
-                on_synced=lambda: self.readiness.mark_ready(READY_STATE),
+                on_synced=self._on_synced,
                 registry=self.registry,
             )
             self._xds_task = loop.create_task(self.xds.run(), name="xds")
@@ -178,17 +197,37 @@ class Supervisor:
             return FakeCASource(cfg.fake_ca_dir, cfg.secret_ttl)
         return CAClient(cfg)
 
-    def _check_supported(self) -> None:
-        if self.config.proxy_mode == "shared":
-            raise StartError(
-                "PROXY_MODE=shared (in-pod mode) needs the istio-cni ZDS client, which this "
-                "build does not have yet; use PROXY_MODE=dedicated with PROXY_WORKLOAD_INFO"
-            )
+    def _on_synced(self) -> None:
+        """The first state is in: ready as far as state goes, and (shared) pods may come."""
+        self.readiness.mark_ready(READY_STATE)
+        if self.pods is None or self._zds_task is not None:
+            return
+        self.zds = ZDSClient(self.config.inpod_uds, self.pods, readiness_pending=self._zds_pending)
+        zds = self.zds
+        self.pods.pending_source = lambda: zds.pending
+        loop = asyncio.get_running_loop()
+        self._zds_task = loop.create_task(self.zds.run(), name="zds")
+        self._zds_task.add_done_callback(self._zds_done)
+        log.info("in-pod mode: connecting to the node agent at %s", self.config.inpod_uds)
+
+    def _zds_done(self, task: asyncio.Task[None]) -> None:
+        """The ZDS client runs until cancelled; anything else ends ztunnel, as upstream."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        log.error("workload proxy manager failed", exc_info=exc)
+        self._on_fatal(f"workload proxy manager failed: {exc or 'stopped'}")
+
+    def _zds_pending(self, pending: bool) -> None:
+        if pending:
+            self.readiness.rearm(READY_WORKLOADS)
+        else:
+            self.readiness.mark_ready(READY_WORKLOADS)
 
     def _probe_data_plane_ports(self) -> None:
         cfg = self.config
-        if not cfg.enable_proxy:
-            return
+        if not cfg.enable_proxy or cfg.proxy_mode == "shared":
+            return  # in-pod listeners live in each pod's netns, not ours
         for port in (cfg.outbound_port, cfg.inbound_plaintext_port, cfg.inbound_port):
             probe_port_free(cfg.bind_any, port)
         if cfg.socks5_enabled:
@@ -222,15 +261,20 @@ class Supervisor:
                 ) from e
 
     async def _shutdown(self, grace: float) -> None:
-        for task in (self._watch_task, self._xds_task):
+        for task in (self._zds_task, self._watch_task, self._xds_task):
             if task is not None:
                 task.cancel()
+        if self._zds_task is not None:
+            # Stop reading ZDS first (upstream drains every pod's proxy on global drain).
+            await asyncio.gather(self._zds_task, return_exceptions=True)
         if self.certs is not None:
             self.certs.stop()
             if isinstance(self.certs.source, CAClient):
                 await self.certs.source.close()
         if self.arbiter is not None:
             await self.arbiter.stop(grace)
+        if self.pods is not None:
+            await self.pods.close()
         for server in self.servers:
             await server.close(grace=1.0)
         if self.store.channel is not None:
@@ -298,13 +342,33 @@ class Supervisor:
         return [os.getpid(), *(self.arbiter.pids() if self.arbiter else ())]
 
     def _config_dump(self) -> dict[str, object]:
-        return configdump.build(
+        dump = configdump.build(
             self.store.state,
             static=self.local.reread(),
             build=BuildInfo.current(),
             config=self.config,
             certificates=self.certs.dump() if self.certs is not None else [],
         )
+        if self.pods is not None:
+            dump["workloadState"] = self.pods.dump()
+        return dump
+
+
+def _verify_inpod_privileges() -> None:
+    """In-pod mode enters pod netns and marks sockets: fail at start without the privileges
+    (upstream `WorkloadProxyManager::verify_syscalls`)."""
+    try:
+        netns.verify_setns()
+    except (netns.NetnsError, OSError) as e:
+        raise StartError(f"failed to set netns: {e}. make sure ztunnel has CAP_SYS_ADMIN") from e
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, 1337)
+    except OSError as e:
+        raise StartError(
+            "failed to set socket mark: failed to set mark on socket. make sure ztunnel has "
+            f"CAP_NET_RAW, CAP_NET_ADMIN. error: {e}"
+        ) from e
 
 
 def _localhosts(ipv6: bool) -> list[str]:

@@ -4,6 +4,12 @@ Gunicorn's arbiter is the model: workers are separate processes started with exe
 a plain fork: gRPC state is not fork-safe); a worker that exits with the boot-error code
 stops the whole process instead of crash-looping; a worker that stops heartbeating is
 killed and replaced; a replacement never disturbs the other workers' connections.
+
+In shared (in-pod) mode each worker also gets an fd channel (`ztunnel.fdchannel`): a
+SOCK_SEQPACKET socketpair whose worker end is inherited as `--fd-channel <fd>`. The
+supervisor's end is kept on the slot and handed to `on_worker_started`, which owns it from
+then on (the pod manager reads it until the worker is gone, then closes it) and replays
+every running pod to the new worker.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ztunnel import fdchannel
 from ztunnel.core import ipc
 from ztunnel.supervisor.aggregate import WorkerMetricsCollector
 from ztunnel.supervisor.channel import StateChannel
@@ -45,6 +53,7 @@ class WorkerSlot:
     behind_since: float | None = None
     backoff: float = RESTART_BACKOFF_INITIAL
     restarts: int = 0
+    channel: socket.socket | None = None  # supervisor end of the fd channel (shared mode)
 
     @property
     def pid(self) -> int | None:
@@ -62,6 +71,8 @@ class Arbiter:
         collector: WorkerMetricsCollector,
         on_fatal: Callable[[str], None],
         on_progress: Callable[[], None] = lambda: None,
+        fd_channels: bool = False,
+        on_worker_started: Callable[[WorkerSlot], None] | None = None,
     ) -> None:
         self.slots = [WorkerSlot(i) for i in range(count)]
         self.runtime_dir = runtime_dir
@@ -70,6 +81,8 @@ class Arbiter:
         self.collector = collector
         self.on_fatal = on_fatal
         self.on_progress = on_progress  # acks and exits change readiness
+        self.fd_channels = fd_channels
+        self.on_worker_started = on_worker_started or _close_channel
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -85,12 +98,32 @@ class Arbiter:
         env = dict(os.environ)
         env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
         args = ("-m", "workers", "--index", str(slot.index), "--runtime-dir", self.runtime_dir)
-        slot.proc = await asyncio.create_subprocess_exec(sys.executable, *args, env=env)
+        if not self.fd_channels:
+            slot.proc = await asyncio.create_subprocess_exec(sys.executable, *args, env=env)
+        else:
+            parent, child = fdchannel.pair()
+            try:
+                slot.proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    *args,
+                    "--fd-channel",
+                    str(child.fileno()),
+                    env=env,
+                    pass_fds=(child.fileno(),),  # inheritable in the worker only
+                )
+            except BaseException:
+                parent.close()
+                raise
+            finally:
+                child.close()  # the worker holds its own copy now
+            slot.channel = parent
         slot.identity, slot.acked_seq, slot.listening = None, -1, False
         slot.started_at = slot.last_seen = time.monotonic()
         slot.behind_since = None
         log.info("started worker %d (pid %d)", slot.index, slot.proc.pid)
         self._keep(self._watch(slot, slot.proc), f"watch-worker-{slot.index}")
+        if slot.channel is not None:
+            self.on_worker_started(slot)
 
     async def _watch(self, slot: WorkerSlot, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
@@ -247,6 +280,13 @@ class Arbiter:
     async def _drain_control(self, seconds: float) -> None:
         """Give final metric pushes already queued on the channel a moment to be read."""
         await asyncio.sleep(seconds)
+
+
+def _close_channel(slot: WorkerSlot) -> None:
+    """Nobody wants the fd channel: do not keep it open."""
+    if slot.channel is not None:
+        slot.channel.close()
+        slot.channel = None
 
 
 def _kill(pid: int, sig: signal.Signals) -> None:
