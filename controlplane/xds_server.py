@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,11 +30,12 @@ from controlplane.resources import TYPE_URLS, resources_of, version_of
 from ztunnel.core.errors import ConfigError
 from ztunnel.core.localconfig import load_local_config
 from ztunnel.core.model import StateSnapshot
+from ztunnel.filewatch import SettledChange
 from ztunnel.gen import xds_pb2, xds_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL = 0.25  # seconds between checks of the config file's mtime and size
+WATCH_INTERVAL = 0.1  # seconds between checks of the config file's mtime and size (a stat)
 WILDCARD = "*"
 KEPT_NACKS = 64  # per stream, newest last
 
@@ -244,7 +244,7 @@ class XDSServer(xds_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._catalog = Catalog({t: {} for t in TYPE_URLS}, 0)
         self._streams: dict[int, _Stream] = {}
         self._stream_ids = itertools.count(1)
-        self._stamp: tuple[int, int] | None = None
+        self._change: SettledChange | None = None
 
     # -- the served config ----------------------------------------------------------------------
 
@@ -253,7 +253,7 @@ class XDSServer(xds_pb2_grpc.AggregatedDiscoveryServiceServicer):
         if self.config_path is None:
             self.set_snapshot(StateSnapshot())
             return
-        self._stamp = self._file_stamp()
+        self._change = SettledChange(self.config_path)
         self.set_snapshot(load_local_config(self.config_path))
 
     def set_snapshot(self, snap: StateSnapshot) -> None:
@@ -293,26 +293,17 @@ class XDSServer(xds_pb2_grpc.AggregatedDiscoveryServiceServicer):
         """Serve every valid edit of the config file until cancelled."""
         if self.config_path is None:
             return
+        change = self._change or SettledChange(self.config_path)
         while True:
             await asyncio.sleep(interval)
-            stamp = self._file_stamp()
-            if stamp is None or stamp == self._stamp:
+            if not change.poll():
                 continue
-            self._stamp = stamp
             try:
                 snap = load_local_config(self.config_path)
             except ConfigError as e:
                 log.error("config changed but is invalid, serving the last good one: %s", e)
                 continue
             self.set_snapshot(snap)
-
-    def _file_stamp(self) -> tuple[int, int] | None:
-        assert self.config_path is not None
-        try:
-            st = os.stat(self.config_path)
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size
 
     # -- streams --------------------------------------------------------------------------------
 

@@ -46,6 +46,13 @@ class RelaySide(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if early:
             self.data_received(early)
+        peer = self.peer
+        if peer is not None and peer._pending:
+            # The other leg was connected first and already read (a server greeting): its
+            # bytes waited for this transport, and its reading was paused meanwhile.
+            peer.flush_pending()
+            if peer.transport is not None:
+                _resume(peer.transport)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)

@@ -207,6 +207,7 @@ class H2Protocol(asyncio.Protocol):
         self.closed = False
         self._timer: asyncio.Handle | None = None
         self._timer_when: float | None = None
+        self._dispatching = False
         self._loop = asyncio.get_running_loop()
         self._tls_paused = False
 
@@ -218,7 +219,11 @@ class H2Protocol(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
-        self._dispatch(self.core.receive_data(data, self._loop.time()))
+        self._dispatching = True
+        try:
+            self._dispatch(self.core.receive_data(data, self._loop.time()))
+        finally:
+            self._dispatching = False
         self.flush()
         self._close_if_finished()
 
@@ -268,7 +273,8 @@ class H2Protocol(asyncio.Protocol):
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         self.core.acknowledge(stream_id, n)
-        self.flush()
+        if not self._dispatching:  # inside data_received the final flush covers it
+            self.flush()
 
     def forget(self, stream_id: int) -> None:
         self.legs.pop(stream_id, None)
@@ -297,6 +303,11 @@ class H2Protocol(asyncio.Protocol):
     def _arm_timer(self) -> None:
         when = self.core.get_timer()
         if when == self._timer_when:
+            return
+        if when is not None and self._timer_when is not None and self._timer_when <= when:
+            # The keepalive deadline moves with every read; keep the earlier timer instead
+            # of re-arming per chunk. When it fires early `handle_timer` does nothing and
+            # the timer is armed again for the real deadline.
             return
         if self._timer is not None:
             self._timer.cancel()

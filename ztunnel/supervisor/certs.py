@@ -384,8 +384,13 @@ class CertManager:
         self.publish(ipc.CertificatesChanged(updated=(cert,)))
         _resolve(entry.waiters, cert)
         log.info("certificate for %s valid until %s", identity, _rfc3339(cert.not_after))
-        if cert.not_after >= cert.not_before:
-            refresh_at = cert.not_before + (cert.not_after - cert.not_before) / 2
+        # Half-life from when the certificate became usable to us. CAs backdate not_before
+        # (istiod by 2 minutes, ours by 60 s) for clock skew; measured from the backdated
+        # start, a short SECRET_TTL would put the half-life in the past and renew every
+        # second (upstream `refresh_at` has that quirk).
+        start = max(cert.not_before, min(self._now(), cert.not_after))
+        if cert.not_after >= start:
+            refresh_at = start + (cert.not_after - start) / 2
         else:
             refresh_at = cert.not_after  # as upstream for a backwards validity
         delay = max(self._min_refresh, refresh_at - self._now())

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 
 from ztunnel.core.config import Config
 from ztunnel.core.errors import ConfigError
 from ztunnel.core.localconfig import load_local_config, parse_local_config
 from ztunnel.core.model import StateDelta, StateSnapshot
+from ztunnel.filewatch import SettledChange
 
-WATCH_INTERVAL = 0.25  # seconds between checks of the file's mtime and size
+WATCH_INTERVAL = 0.1  # seconds between checks of the file's mtime and size (a stat)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class LocalSource:
         self.path = config.local_xds_path
         self.inline = config.local_xds
         self.current = StateSnapshot()
-        self._stamp: tuple[float, int] | None = None
+        self._change = SettledChange(self.path) if self.path is not None else None
 
     def _read(self) -> StateSnapshot | None:
         if self.path is not None:
@@ -39,7 +39,6 @@ class LocalSource:
 
     def load(self) -> StateDelta:
         """The local config as one delta of upserts (empty when none is configured)."""
-        self._stamp = self._file_stamp()
         snap = self._read()
         if snap is None:
             return StateDelta()
@@ -60,25 +59,15 @@ class LocalSource:
             log.warning("re-reading local config failed: %s", e)
             return None
 
-    def _file_stamp(self) -> tuple[float, int] | None:
-        if self.path is None:
-            return None
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return st.st_mtime, st.st_size
-
     async def watch(self, apply: Callable[[StateDelta], None]) -> None:
         """Apply edits of LOCAL_XDS_PATH until cancelled."""
         if self.path is None:
             return
+        change = self._change or SettledChange(self.path)
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            stamp = self._file_stamp()
-            if stamp is None or stamp == self._stamp:
+            if not change.poll():
                 continue
-            self._stamp = stamp
             try:
                 snap = load_local_config(self.path)
             except ConfigError as e:
