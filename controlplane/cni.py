@@ -378,6 +378,9 @@ class FakeCNI:
         # (proxy ARP for what it routes elsewhere, plain ARP for its own addresses).
         _ip("-n", pod.netns, "route", "add", "default", "dev", POD_IFNAME, "scope", "link")
         self._sysctl(f"net.ipv4.conf.{pod.node_ifname}.proxy_arp=1")
+        # Answer proxy ARP at once: the kernel's default 0.8 s delay stalls a new pod's
+        # first connection through the node.
+        self._sysctl(f"net.ipv4.neigh.{pod.node_ifname}.proxy_delay=0")
         if self.node_netns is not None and not self._forwarding_set:
             # Pod to pod on this node is routed by the node. A named node netns is ours to
             # configure; the caller's own netns is left alone.

@@ -125,9 +125,16 @@ class Cluster:
     loop: LoopThread
     nodes: dict[str, Node]
     pod_ns: dict[str, Netns]  # every pod's netns, by pod name
+    servers: list[EchoServer]
 
-    def node_of(self, pod: str) -> Node:
-        return next(n for n in self.nodes.values() if pod in n.pods)
+    def add_pod(self, node: Node, spec: WorkloadSpec, label: str | None = None) -> Pod:
+        """A new pod on `node`, announced to its ztunnel, with an echo server on 8080."""
+        pod = self.loop.run(node.cni.create_pod(spec.name, spec.namespace, spec.sa, spec.ip))
+        node.pods[spec.name] = pod
+        _no_proxy_arp_delay(node.ns, pod)
+        ns = self.pod_ns[label or spec.name] = Netns(pod.netns, label or spec.name)
+        self.servers.append(EchoServer(ns, spec.ip, ECHO_PORT))
+        return pod
 
     def connect(self, pod: str, host: str, port: int = ECHO_PORT) -> socket.socket:
         """A connection made by an app inside `pod` (the pod's capture rules apply)."""
@@ -178,7 +185,7 @@ def cluster(
             uds = str(tmp_path / f"{spec.key}.sock")
             cni = loop.run(_make_cni(uds, spec, ns))
             cnis.append(cni)
-            pods = {}
+            pods: dict[str, Pod] = {}
             for w in PODS[spec.key]:
                 pods[w.name] = loop.run(cni.create_pod(w.name, w.namespace, w.sa, w.ip))
                 _no_proxy_arp_delay(ns, pods[w.name])
@@ -203,7 +210,7 @@ def cluster(
         for node in nodes.values():
             loop.run(node.cni.wait_snapshots(1, timeout=30.0), timeout=35.0)
             node.zt.wait_ready()
-        yield Cluster(loop, nodes, pod_ns)
+        yield Cluster(loop, nodes, pod_ns, servers)
     finally:
         for node in nodes.values():
             node.zt.kill()
@@ -287,12 +294,13 @@ def _process_tree(pid: int) -> list[int]:
     return out
 
 
-def _rss_kib(pid: int) -> int:
+def _status(pid: int, key: str) -> int:
+    """A number from /proc/<pid>/status (VmRSS in KiB, Threads); 0 if absent (a zombie)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1])
-    return 0  # a zombie has no VmRSS line
+    return 0
 
 
 def _role(pid: int) -> str:
@@ -303,9 +311,9 @@ def _role(pid: int) -> str:
     return "supervisor"
 
 
-def _memory(zt: NodeZtunnel) -> dict[str, int]:
-    """RSS in KiB of every process of the ztunnel (supervisor and workers), by role."""
-    return {_role(pid): _rss_kib(pid) for pid in _process_tree(zt.proc.pid)}
+def _memory(zt: NodeZtunnel, key: str = "VmRSS") -> dict[str, int]:
+    """RSS in KiB (or another status number) of every ztunnel process, by role."""
+    return {_role(pid): _status(pid, key) for pid in _process_tree(zt.proc.pid)}
 
 
 def _poll_listening(want: collections.Counter[int], timeout: float) -> float:
@@ -504,12 +512,12 @@ def test_bad_fd_and_truncated_message_are_rejected_while_other_pods_keep_serving
         assert error.startswith("failure to read message : failed to decode"), error
         cluster.loop.run(n1.cni.wait_snapshots(3, timeout=15.0), timeout=20.0)
         n1.zt.wait_ready()
+        _echo(held, b"after everything")
     finally:
+        held.close()
         for fd in (r, w, spare):
             os.close(fd)
 
-    with held:
-        _echo(held, b"after everything")
     # Every reconnect re-sent both pods: same netns, so the proxies were kept as they were.
     assert [(a.kind, a.error) for a in n1.cni.acks[-3:]] == [
         ("add", ""),
@@ -631,6 +639,21 @@ def test_del_workload_with_an_open_connection_tears_it_down(cluster: Cluster) ->
         ), [ln.fields for ln in lines]
     _round_trip(cluster, "a1", B2.ip, b"a new connection")
 
+    # b1 comes back with the same IP (a new sandbox and uid): a1's pooled HBONE connection to
+    # the old b1 was reset with it, so the very first connection reaches the new pod.
+    old_uid = n2.pods["b1"].uid
+    again = cluster.add_pod(n2, B1, label="b1-again")
+    assert again.uid != old_uid and (n2.cni.acks[-1].kind, n2.cni.acks[-1].error) == ("add", "")
+    n2.zt.wait_ready()
+    assert _listeners(cluster.pod_ns["b1-again"])[15008] == WORKERS
+    payload = b"to the new b1"
+    _round_trip(cluster, "a1", B1.ip, payload)
+    line = n2.zt.wait_access(
+        **{"direction": "inbound", "dst.hbone_addr": f"{B1.ip}:{ECHO_PORT}"},
+        bytes_recv=str(len(payload)),
+    )
+    assert (line.fields["src.workload"], line.fields["dst.workload"]) == ("a1", "b1")
+
 
 # ---------------------------------------------------------------------------------------------
 # Measurements (printed, not asserted beyond sanity)
@@ -657,6 +680,7 @@ def test_measure_add_latency_and_memory_per_pod(cluster: Cluster) -> None:
     setup = time.monotonic() - started
     time.sleep(1.0)
     before = _memory(zt)
+    threads_before = _memory(zt, "Threads")
 
     async def timed_add(pod: Pod) -> tuple[float, float, str | None]:
         fd = pod.open_netns()
@@ -683,6 +707,7 @@ def test_measure_add_latency_and_memory_per_pod(cluster: Cluster) -> None:
     zt.wait_metric("workload_manager_active_proxy_count", 2 + MEASURE_PODS)
     time.sleep(2.0)
     added = _memory(zt)
+    threads_added = _memory(zt, "Threads")
 
     # One HBONE connection from every new pod (a certificate and a pooled connection each).
     started = time.monotonic()
@@ -708,6 +733,7 @@ def test_measure_add_latency_and_memory_per_pod(cluster: Cluster) -> None:
     print(f"[measure] AddWorkload -> ACK, same pods: {_percentiles(acks[:MEASURE_LATENCY_PODS])}")
     print(f"[measure] AddWorkload -> ACK, no poller: {_percentiles(acks[MEASURE_LATENCY_PODS:])}")
     print(f"[measure] memory, 2 -> {2 + MEASURE_PODS} pods idle: {per_pod(before, added)}")
+    print(f"[measure] threads, 2 -> {2 + MEASURE_PODS} pods: {threads_before} -> {threads_added}")
     print(f"[measure] {MEASURE_PODS} first connections (one per pod) in {traffic:.1f} s")
     print(f"[measure] memory, with a pooled HBONE connection per pod: {per_pod(before, used)}")
     assert len(listening) == MEASURE_LATENCY_PODS
