@@ -39,11 +39,11 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from controlplane.tls import Root
 from ztunnel.core.identity import Identity, IdentityError
-from ztunnel.fakeca import CLOCK_SKEW, ORGANIZATION
+from ztunnel.fakeca import CLOCK_SKEW, ORGANIZATION, leaf_builder
 from ztunnel.gen import citadel_pb2, citadel_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -249,42 +249,10 @@ def _csr_identity(csr: x509.CertificateSigningRequest) -> str:
 def _leaf_builder(
     public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey, identity: str, start: int, end: int
 ) -> x509.CertificateBuilder:
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]))
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(_utc(start))
-        .not_valid_after(_utc(end))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        # Leaf and root share the subject O=cluster.local: distinct key identifiers keep
-        # OpenSSL from taking the leaf for self-signed (as in ztunnel.fakeca).
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        # Not critical: the subject is not empty (RFC 5280 §4.2.1.6), as fakeca leaves.
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
-            critical=False,
-        )
+    # Not critical: the subject is not empty (RFC 5280 §4.2.1.6), as fakeca leaves.
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)])
+    return leaf_builder(public_key, subject, start, end).add_extension(
+        x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]), critical=False
     )
 
 

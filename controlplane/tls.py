@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
-from ztunnel.fakeca import ROOT_CERT_FILE, ROOT_KEY_FILE, FakeCA
+from ztunnel.fakeca import ROOT_CERT_FILE, ROOT_KEY_FILE, FakeCA, leaf_builder
 
 # istiod's in-cluster names (its certificate carries them, `pilot/pkg/bootstrap/certcontroller.go`)
 # plus what `XDS_ADDRESS=https://localhost:15012` (upstream's out-of-cluster default) needs.
@@ -81,33 +81,13 @@ class Root:
         public = key.public_key()
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+        # A subject of its own: a leaf whose subject equals the root's looks self-issued.
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "istiod")])
+        start, end = int(now - CLOCK_SKEW), int(now + ttl)
         leaf = (
-            x509.CertificateBuilder()
-            # A subject of its own: a leaf whose subject equals the root's looks self-issued.
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "istiod")]))
+            leaf_builder(public, subject, start, end, client_auth=False)
             .issuer_name(self.cert.subject)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_utc(now - CLOCK_SKEW))
-            .not_valid_after(_utc(now + ttl))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=True,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,

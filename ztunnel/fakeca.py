@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ztunnel.core.errors import ZtunnelError
@@ -125,24 +126,8 @@ class FakeCA:
         self, public_key: ec.EllipticCurvePublicKey, sans: list[str], start: int, end: int
     ) -> x509.Certificate:
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name())
+            leaf_builder(public_key, _name(), start, end)
             .issuer_name(self._root.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())  # 159 random bits
-            .not_valid_before(_utc(start))
-            .not_valid_after(_utc(end))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(leaf=True), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            # Leaf and root share the subject O=cluster.local; without distinct key
-            # identifiers OpenSSL takes the leaf for self-signed and rejects it.
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
                 critical=False,
@@ -292,6 +277,38 @@ def _name() -> x509.Name:
 
 def _utc(seconds: int) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+
+
+def leaf_builder(
+    public_key: CertificatePublicKeyTypes,
+    subject: x509.Name,
+    start: int,
+    end: int,
+    *,
+    client_auth: bool = True,
+) -> x509.CertificateBuilder:
+    """The leaf profile every issuer here shares (upstream's mock CA, `src/tls/mock.rs`).
+
+    KU digitalSignature + keyEncipherment (critical), EKU serverAuth (+ clientAuth), CA:false,
+    a random 159-bit serial, and the leaf's own key identifier: leaf and root share the
+    subject O=cluster.local, and without distinct key identifiers OpenSSL takes the leaf
+    for self-signed and rejects it. The caller adds issuer, SANs and signs.
+    """
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH]
+    if client_auth:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_utc(start))
+        .not_valid_after(_utc(end))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(leaf=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
 
 
 def _key_usage(*, leaf: bool) -> x509.KeyUsage:
