@@ -173,6 +173,7 @@ class Worker:
     async def _bind_listeners(self) -> None:
         info = self.config.workload_info
         if info is None:
+            self._bind_self_listener()
             return
         if self.config.dns_proxy:  # upstream runs DNS even with ENABLE_PROXY=false
             await self._bind_dns(info)
@@ -194,6 +195,33 @@ class Worker:
         self.servers.append(HBONEListener(proxy, sockets.bind_listener(any_addr, cfg.inbound_port)))
         if cfg.socks5_enabled:
             await self._serve("127.0.0.1", cfg.socks5_port, proxy.socks5_protocol)
+
+    def _bind_self_listener(self) -> None:
+        """Shared mode: ztunnel's own workload gets HBONE on 15008 in ztunnel's netns.
+
+        Upstream's "self" inbound listener (`create_ztunnel_self_proxy_listener`): only
+        when POD_NAME, POD_NAMESPACE and SERVICE_ACCOUNT are all set. It serves whatever
+        workload matches them in the state (certificate from the supervisor, the usual
+        inbound checks and AuthorizationPolicies), so a CONNECT to the metrics port reaches
+        the metrics server. No outbound, plaintext inbound or DNS listeners; upstream
+        sockets are plain (no source spoofing). Dedicated mode has no such listener.
+        """
+        cfg = self.config
+        own = cfg.ztunnel_identity()
+        if cfg.proxy_mode != "shared" or own is None or not cfg.enable_proxy:
+            return
+        proxy = Proxy(
+            cfg,
+            info=own,
+            state=lambda: self.state,
+            certs=lambda: self.certs,
+            tracker=self.tracker,
+            tasks=self.tasks,
+            contexts=self.contexts,
+        )
+        self.proxies.append(proxy)
+        sock = sockets.bind_listener(cfg.bind_any, cfg.inbound_port)
+        self.servers.append(HBONEListener(proxy, sock))
 
     async def _bind_dns(self, info: WorkloadInfo) -> None:
         cfg = self.config

@@ -226,8 +226,14 @@ class Supervisor:
 
     def _probe_data_plane_ports(self) -> None:
         cfg = self.config
-        if not cfg.enable_proxy or cfg.proxy_mode == "shared":
-            return  # in-pod listeners live in each pod's netns, not ours
+        if not cfg.enable_proxy:
+            return
+        if cfg.proxy_mode == "shared":
+            # In-pod listeners live in each pod's netns, not ours; only ztunnel's own
+            # HBONE listener (when it has an identity) binds here.
+            if cfg.ztunnel_identity() is not None:
+                probe_port_free(cfg.bind_any, cfg.inbound_port)
+            return
         for port in (cfg.outbound_port, cfg.inbound_plaintext_port, cfg.inbound_port):
             probe_port_free(cfg.bind_any, port)
         if cfg.socks5_enabled:
