@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from workers.dns import BoundPair, DNSServer, bind_hosts, bind_pairs, ipv6_on_localhost
 from workers.inbound import HBONEListener
 from workers.metrics import WorkerMetrics
-from workers.proxy import Proxy
+from workers.proxy import OnDemand, Proxy
 from workers.tasks import TaskSet
 from workers.tracking import ConnectionTracker
 from ztunnel import fdchannel, sockets, tls
@@ -122,8 +122,10 @@ class InPodManager:
         tasks: TaskSet,
         metrics: WorkerMetrics,
         trackers: list[ConnectionTracker],
+        on_demand: OnDemand | None = None,
     ) -> None:
         self.config = config
+        self.on_demand = on_demand
         self.channel = channel
         self.index = index
         self.state = state
@@ -235,6 +237,7 @@ class InPodManager:
             tasks=self.tasks,
             contexts=self.contexts,
             new_socket=new_socket,
+            on_demand=self.on_demand,
         )
         pod = PodProxy(uid, info, nid, executor, proxy, tracker)
         try:

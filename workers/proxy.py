@@ -34,6 +34,7 @@ from ztunnel.core.state import ProxyState
 log = logging.getLogger(__name__)
 
 SocketFactory = Callable[[str], Awaitable[socket.socket]]
+OnDemand = Callable[[str], Awaitable[bool]]
 CONNECT_TIMEOUT = 10.0  # upstream CONNECTION_TIMEOUT (src/proxy.rs)
 RESPONSE_TIMEOUT = 10.0  # CONNECT sent, no response: give up on this stream
 CLOSED_ERROR = "connection closed because the proxy was stopped"
@@ -72,8 +73,10 @@ class Proxy:
         tasks: TaskSet,
         contexts: tls.ContextCache,
         new_socket: SocketFactory | None = None,
+        on_demand: OnDemand | None = None,
     ) -> None:
         self.config = config
+        self.on_demand = on_demand  # XDS_ON_DEMAND: ask the supervisor for a missed address
         # Upstream sockets: in this process's netns, or (in-pod mode) in the pod's.
         self.new_socket: SocketFactory = new_socket or self._local_socket
         self.info = info
@@ -183,6 +186,32 @@ class Proxy:
             return self._fail(
                 acc, src, dst, "source", "failed to fetch information about local workload"
             )
+        if self.on_demand is not None and not self._known(dst_ip):
+            # Upstream fetch_address: ask for `network/ip`, then plan with what arrived.
+            self.tasks.spawn(self._route_after_fetch(acc, dst_ip, dst_port), name="on-demand")
+            return None
+        return self._plan_and_start(acc, (src, dst), source, dst_ip, dst_port)
+
+    def _known(self, ip: str) -> bool:
+        state, network = self.state(), self.config.network
+        return bool(state.workloads_by_ip(network, ip) or state.services_by_vip(network, ip))
+
+    async def _route_after_fetch(self, acc: Accepted, dst_ip: str, dst_port: int) -> None:
+        assert self.on_demand is not None
+        await self.on_demand(f"{self.config.network}/{dst_ip}")
+        source = self.local_workload()
+        if acc.lost:
+            return
+        src, dst = sockets.format_addr(*acc.peer), sockets.format_addr(dst_ip, dst_port)
+        if source is None:
+            return self._fail(acc, src, dst, "source", "local workload disappeared")
+        self._plan_and_start(acc, (src, dst), source, dst_ip, dst_port)
+
+    def _plan_and_start(
+        self, acc: Accepted, addrs: tuple[str, str], source: Workload, dst_ip: str, dst_port: int
+    ) -> None:
+        src, dst = addrs
+        src_ip = acc.peer[0]
         plan = routing.plan_outbound(
             self.state(),
             source=source,

@@ -41,6 +41,7 @@ from ztunnel.telemetry import LogControl
 
 log = logging.getLogger(__name__)
 
+ON_DEMAND_TIMEOUT = 6.0  # seconds; the supervisor gives up after 5 s (upstream never does)
 HEARTBEAT_INTERVAL = 1.0  # seconds; also the metrics push period
 
 
@@ -80,6 +81,9 @@ class Worker:
         self.tasks = TaskSet()
         self.servers: list[asyncio.Server | HBONEListener | DNSServer] = []
         self.certs: dict[str, ipc.WorkloadCertificate] = {}
+        self._demands: dict[int, asyncio.Future[ipc.OnDemandReply]] = {}
+        self._seq_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._demand_ids = 0
         self.contexts = tls.ContextCache()
         self.proxies: list[Proxy] = []
         self.listening = False
@@ -95,6 +99,7 @@ class Worker:
                 tasks=self.tasks,
                 metrics=self.metrics,
                 trackers=self.trackers,
+                on_demand=self.on_demand if config.xds_on_demand else None,
             )
         self._stop = asyncio.Event()
         self._exit_code = ipc.EXIT_OK
@@ -187,6 +192,7 @@ class Worker:
             tracker=self.tracker,
             tasks=self.tasks,
             contexts=self.contexts,
+            on_demand=self.on_demand if self.config.xds_on_demand else None,
         )
         self.proxies.append(proxy)
         any_addr, cfg = self.config.bind_any, self.config
@@ -286,7 +292,49 @@ class Worker:
             log.info("worker %d: gap at seq %d, asking for a snapshot", self.index, msg.seq)
             self._send(ipc.ResyncRequest(have_seq=self.follower.seq or 0))
 
+    async def on_demand(self, name: str) -> bool:
+        """XDS_ON_DEMAND: ask the supervisor for `name`; True once its answer is applied."""
+        self._demand_ids += 1
+        request_id = self._demand_ids
+        fut: asyncio.Future[ipc.OnDemandReply] = asyncio.get_running_loop().create_future()
+        self._demands[request_id] = fut
+        self._send(ipc.OnDemandRequest(request_id=request_id, name=name))
+        try:
+            async with asyncio.timeout(ON_DEMAND_TIMEOUT):
+                reply = await fut
+                # The answer's state travels on the sequenced channel; wait until applied.
+                await self._applied_up_to(reply.seq)
+        except TimeoutError:
+            log.warning("worker %d: on-demand lookup of %s timed out", self.index, name)
+            return False
+        finally:
+            self._demands.pop(request_id, None)
+        return reply.found
+
+    async def _applied_up_to(self, seq: int) -> None:
+        if (self.follower.seq or 0) >= seq:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._seq_waiters.append((seq, fut))
+        await fut
+
+    def _wake_seq_waiters(self) -> None:
+        have = self.follower.seq or 0
+        keep = []
+        for seq, fut in self._seq_waiters:
+            if seq <= have:
+                if not fut.done():
+                    fut.set_result(None)
+            elif not fut.done():
+                keep.append((seq, fut))
+        self._seq_waiters = keep
+
     def _on_direct(self, msg: ipc.ToWorker) -> None:
+        if isinstance(msg, ipc.OnDemandReply):
+            fut = self._demands.get(msg.request_id)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            return
         if not isinstance(msg, ipc.Snapshot):
             return
         first = self.follower.seq is None
@@ -323,6 +371,8 @@ class Worker:
     def _ack(self) -> None:
         if self.follower.seq is not None:
             self._send(ipc.Ack(seq=self.follower.seq, listening=self.listening))
+            if self._seq_waiters:
+                self._wake_seq_waiters()
 
     def _send(self, msg: ipc.FromWorker) -> None:
         try:

@@ -184,9 +184,16 @@ StartZtunnel = Callable[..., ZtunnelProcess]
 def xds_ztunnel(ca_dir: Path, tmp_path: Path) -> Iterator[StartZtunnel]:
     started: list[ZtunnelProcess] = []
 
-    def start(port: int, *, ready: bool = True, workers: int = WORKERS) -> ZtunnelProcess:
+    def start(
+        port: int,
+        *,
+        ready: bool = True,
+        workers: int = WORKERS,
+        extra: dict[str, str] | None = None,
+    ) -> ZtunnelProcess:
         env = ztunnel_env(
             {
+                **(extra or {}),
                 **PORTS,
                 "ZTUNNEL_WORKERS": str(workers),
                 "XDS_ADDRESS": f"https://{LOCALHOST}:{port}",
@@ -196,7 +203,8 @@ def xds_ztunnel(ca_dir: Path, tmp_path: Path) -> Iterator[StartZtunnel]:
                 "GRPC_VERBOSITY": "ERROR",
             }
         )
-        del env["LOCAL_XDS_PATH"]  # everything comes over xDS
+        if "LOCAL_XDS_PATH" not in (extra or {}):
+            del env["LOCAL_XDS_PATH"]  # everything comes over xDS
         wait_ports_free(PORT_NUMBERS, 15.0)
         zt = ZtunnelProcess(env)
         started.append(zt)
@@ -439,3 +447,35 @@ def test_control_plane_restart_keeps_connections_and_readiness_then_resyncs(
     assert readiness(zt) == (200, "ready\n")
     assert workload_uids(zt) == before | {"cluster1//v1/Pod/default/extra"}
     assert zt.metric_value("istio_xds_connection_terminations_total") >= 1
+
+
+@pytest.mark.timeout(90)
+def test_on_demand_address_is_fetched_when_a_worker_misses_it(
+    xds_ztunnel: StartZtunnel,
+    control_planes: list[ControlPlaneProcess],
+    mesh_yaml: Path,
+    ca_dir: Path,
+) -> None:
+    """XDS_ON_DEMAND: nothing is subscribed up front; a miss asks for `network/ip`."""
+    add_extra_workload(mesh_yaml)
+    port = free_port()
+    control_planes.append(ControlPlaneProcess(mesh_yaml, ca_dir, port))
+    # On demand, ztunnel learns only what it asks for: its own workload comes from a local file.
+    local = mesh_yaml.with_name("local.yaml")
+    local.write_text(
+        "workloads:\n"
+        "- {uid: cluster1//v1/Pod/default/local, name: local, namespace: default,\n"
+        "   serviceAccount: default, workloadIps: [127.0.0.1], protocol: HBONE, services: {}}\n"
+    )
+    zt = xds_ztunnel(port, extra={"XDS_ON_DEMAND": "true", "LOCAL_XDS_PATH": str(local)})
+    assert "cluster1//v1/Pod/default/extra" not in workload_uids(zt)
+    with EchoServer(host=NEW_IP) as echo:
+        socks5_echo(zt, echo)
+        line = zt.wait_for_log(
+            lambda ln: ln.is_access() and ln.fields.get("dst.addr") == f"{NEW_IP}:{echo.port}",
+            10.0,
+            "the access log of the connection",
+        )
+    # The worker waited for the fetch, so this first connection already knows its workload.
+    assert line.fields.get("dst.workload") == "extra"
+    assert "cluster1//v1/Pod/default/extra" in workload_uids(zt)

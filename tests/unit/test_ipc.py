@@ -213,3 +213,10 @@ def test_random_bytes_never_escape_as_other_errors(data: bytes) -> None:
         ipc.decode_from_worker(data)
     except (msgspec.DecodeError, SchemaMismatch):
         pass
+
+
+def test_on_demand_messages_round_trip() -> None:
+    req = ipc.OnDemandRequest(request_id=7, name="/10.0.0.1")
+    assert ipc.decode_from_worker(ipc.encode(req)) == req
+    reply = ipc.OnDemandReply(request_id=7, found=True, seq=42)
+    assert ipc.decode_to_worker(ipc.encode(reply)) == reply

@@ -116,8 +116,23 @@ class MetricsPush(_Msg, frozen=True, kw_only=True, tag="metrics"):
     final: bool = False
 
 
-ToWorker = Published | Snapshot
-FromWorker = Hello | ResyncRequest | Ack | MetricsPush
+class OnDemandRequest(_Msg, frozen=True, kw_only=True, tag="ondemand"):
+    """XDS_ON_DEMAND: the worker missed `name` (`network/ip`, a uid or `ns/host`)."""
+
+    request_id: int
+    name: str
+
+
+class OnDemandReply(_Msg, frozen=True, kw_only=True, tag="ondemand-reply"):
+    """The supervisor's answer; the state it implies is in updates up to `seq`."""
+
+    request_id: int
+    found: bool
+    seq: int
+
+
+ToWorker = Published | Snapshot | OnDemandReply
+FromWorker = Hello | ResyncRequest | Ack | MetricsPush | OnDemandRequest
 
 _to_worker = msgspec.msgpack.Decoder(ToWorker)
 _from_worker = msgspec.msgpack.Decoder(FromWorker)

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 READY_PROXY = "proxy"
 READY_STATE = "state manager"
+ON_DEMAND_TIMEOUT = 5.0  # seconds; upstream waits forever (inventory §19.7)
 EXIT_GRACE = 2.0  # seconds past the drain deadline before workers are killed
 
 
@@ -120,6 +121,7 @@ class Supervisor:
         self._fatal: str | None = None
         self._snapshot_cache: tuple[int, ipc.Snapshot] | None = None
         self._logged_seq = -1
+        self._on_demand_tasks: set[asyncio.Task[None]] = set()
         self._watch_task: asyncio.Task[None] | None = None
         self.pods: PodManager | None = None
         self.zds: ZDSClient | None = None
@@ -166,6 +168,7 @@ class Supervisor:
             collector=self.collector,
             on_fatal=self._on_fatal,
             on_progress=self._update_readiness,
+            on_demand=self._on_demand,
             fd_channels=shared,
             on_worker_started=self.pods.worker_started if self.pods is not None else None,
         )
@@ -336,6 +339,22 @@ class Supervisor:
         self.store.apply(delta)
         if self.certs is not None:
             self.certs.want(wanted_identities(self.store.state, self.config))
+
+    def _on_demand(self, identity: bytes, msg: ipc.OnDemandRequest) -> None:
+        """A worker missed an address: ask istiod for it, then answer with the state version."""
+
+        async def ask() -> None:
+            found = False
+            if self.xds is not None:
+                found = await self.xds.request(msg.name, timeout=ON_DEMAND_TIMEOUT)
+            if self.store.channel is not None:
+                seq = self.store.publisher.seq
+                reply = ipc.OnDemandReply(request_id=msg.request_id, found=found, seq=seq)
+                self.store.channel.send(identity, reply)
+
+        task = asyncio.get_running_loop().create_task(ask(), name=f"on-demand {msg.name}")
+        self._on_demand_tasks.add(task)
+        task.add_done_callback(self._on_demand_tasks.discard)
 
     def _snapshot(self) -> ipc.Snapshot:
         seq = self.store.publisher.seq

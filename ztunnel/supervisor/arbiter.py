@@ -71,6 +71,7 @@ class Arbiter:
         collector: WorkerMetricsCollector,
         on_fatal: Callable[[str], None],
         on_progress: Callable[[], None] = lambda: None,
+        on_demand: Callable[[bytes, ipc.OnDemandRequest], None] | None = None,
         fd_channels: bool = False,
         on_worker_started: Callable[[WorkerSlot], None] | None = None,
     ) -> None:
@@ -81,6 +82,7 @@ class Arbiter:
         self.collector = collector
         self.on_fatal = on_fatal
         self.on_progress = on_progress  # acks and exits change readiness
+        self.on_demand = on_demand  # XDS_ON_DEMAND lookups asked by workers
         self.fd_channels = fd_channels
         self.on_worker_started = on_worker_started or _close_channel
         self.stopping = False
@@ -189,6 +191,12 @@ class Arbiter:
                 self.on_progress()
         elif isinstance(msg, ipc.ResyncRequest):
             self.channel.send(identity, self.snapshot())
+        elif isinstance(msg, ipc.OnDemandRequest):
+            if self.on_demand is not None:
+                self.on_demand(identity, msg)
+            else:
+                reply = ipc.OnDemandReply(request_id=msg.request_id, found=False, seq=0)
+                self.channel.send(identity, reply)
 
     def _on_hello(self, identity: bytes, msg: ipc.Hello) -> None:
         if not 0 <= msg.index < len(self.slots):
