@@ -184,6 +184,16 @@ class Worker:
             await self._bind_dns(info)
         if not self.config.enable_proxy:
             return
+        proxy = self._new_proxy(info, on_demand=self.config.xds_on_demand)
+        any_addr, cfg = self.config.bind_any, self.config
+        await self._serve(any_addr, cfg.outbound_port, proxy.outbound_protocol)
+        await self._serve(any_addr, cfg.inbound_plaintext_port, proxy.inbound_plaintext_protocol)
+        self.servers.append(HBONEListener(proxy, sockets.bind_listener(any_addr, cfg.inbound_port)))
+        if cfg.socks5_enabled:
+            await self._serve("127.0.0.1", cfg.socks5_port, proxy.socks5_protocol)
+
+    def _new_proxy(self, info: WorkloadInfo, *, on_demand: bool) -> Proxy:
+        """A proxy in this worker's own netns, counted by the worker's own tracker."""
         proxy = Proxy(
             self.config,
             info=info,
@@ -192,15 +202,10 @@ class Worker:
             tracker=self.tracker,
             tasks=self.tasks,
             contexts=self.contexts,
-            on_demand=self.on_demand if self.config.xds_on_demand else None,
+            on_demand=self.on_demand if on_demand else None,
         )
         self.proxies.append(proxy)
-        any_addr, cfg = self.config.bind_any, self.config
-        await self._serve(any_addr, cfg.outbound_port, proxy.outbound_protocol)
-        await self._serve(any_addr, cfg.inbound_plaintext_port, proxy.inbound_plaintext_protocol)
-        self.servers.append(HBONEListener(proxy, sockets.bind_listener(any_addr, cfg.inbound_port)))
-        if cfg.socks5_enabled:
-            await self._serve("127.0.0.1", cfg.socks5_port, proxy.socks5_protocol)
+        return proxy
 
     def _bind_self_listener(self) -> None:
         """Shared mode: ztunnel's own workload gets HBONE on 15008 in ztunnel's netns.
@@ -216,16 +221,7 @@ class Worker:
         own = cfg.ztunnel_identity()
         if cfg.proxy_mode != "shared" or own is None or not cfg.enable_proxy:
             return
-        proxy = Proxy(
-            cfg,
-            info=own,
-            state=lambda: self.state,
-            certs=lambda: self.certs,
-            tracker=self.tracker,
-            tasks=self.tasks,
-            contexts=self.contexts,
-        )
-        self.proxies.append(proxy)
+        proxy = self._new_proxy(own, on_demand=False)
         sock = sockets.bind_listener(cfg.bind_any, cfg.inbound_port)
         self.servers.append(HBONEListener(proxy, sock))
 
