@@ -586,10 +586,17 @@ async def test_metrics_count_messages_bytes_and_terminations(
     assert _sample(registry, "istio_xds_message_total", url=ADDRESS_TYPE) == 2
     assert _sample(registry, "istio_xds_message_bytes_total", url=ADDRESS_TYPE) == size
     stream.abort(grpc.StatusCode.UNAVAILABLE, "transport is closing")
-    stream = await ads.next_stream()
-    stream.abort(grpc.StatusCode.PERMISSION_DENIED, "nope")
-    stream = await ads.next_stream()
-    stream.end()
+
+    async def established_stream() -> FakeStream:
+        # An error after the headers is an "Error", before them a "ConnectionError": wait until
+        # the client has seen this stream's headers so that the reason is deterministic.
+        s = await ads.next_stream()
+        await s.initial()
+        await _eventually(lambda: h.client.dump()["status"] == "connected", "established")
+        return s
+
+    (await established_stream()).abort(grpc.StatusCode.PERMISSION_DENIED, "nope")
+    (await established_stream()).end()
     await ads.next_stream()
 
     def counted() -> bool:
