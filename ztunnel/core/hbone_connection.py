@@ -38,6 +38,7 @@ from h2.errors import ErrorCodes
 from h2.exceptions import NoSuchStreamError, ProtocolError
 from h2.settings import SettingCodes, Settings
 
+from ztunnel.core import hbone_fastdata as fastdata
 from ztunnel.core.hbone_events import (
     ConnectionTerminated,
     DataReceived,
@@ -161,7 +162,11 @@ class HBONEConnection:
         except FrameViolation as v:
             return self._fail(v.error_code, v.reason)
         events = self._take_deferred()
-        if accepted:
+        fast = fastdata.try_receive(self._h2, accepted) if accepted and fastdata.SUPPORTED else None
+        if fast is not None:
+            for stream_id, payload in fast:
+                self._data(stream_id, payload, len(payload), events)
+        elif accepted:
             try:
                 h2_events = self._h2.receive_data(accepted)
             except ProtocolError as e:
@@ -350,14 +355,17 @@ class HBONEConnection:
             events[:] = [e for e in events if getattr(e, "stream_id", None) not in gone]
 
     def _on_data(self, ev: h2e.DataReceived, events: list[Event]) -> None:
-        st = self._book.streams.get(ev.stream_id)
+        self._data(ev.stream_id, ev.data, ev.flow_controlled_length, events)
+
+    def _data(self, stream_id: int, data: bytes, flow_controlled: int, events: list[Event]) -> None:
+        st = self._book.streams.get(stream_id)
         if st is None or st.closed:  # rejected or reset locally: nobody will consume it
-            self._book.credit_connection(ev.flow_controlled_length)
+            self._book.credit_connection(flow_controlled)
             return
-        n = len(ev.data)
-        self._book.received(st, n, ev.flow_controlled_length)
+        n = len(data)
+        self._book.received(st, n, flow_controlled)
         if n:
-            events.append(DataReceived(ev.stream_id, ev.data, ev.flow_controlled_length))
+            events.append(DataReceived(stream_id, data, flow_controlled))
 
     def _on_stream_ended(self, ev: h2e.StreamEnded, events: list[Event]) -> None:
         st = self._book.streams.get(ev.stream_id)

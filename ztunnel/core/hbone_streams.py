@@ -20,6 +20,7 @@ from collections import deque
 from h2.connection import H2Connection
 from h2.exceptions import NoSuchStreamError
 
+from ztunnel.core import hbone_fastdata as fastdata
 from ztunnel.core.hbone_events import Event, H2Settings, StreamWritable
 
 
@@ -130,10 +131,12 @@ class StreamBook:
             return
         h2 = self.h2
         sid = st.stream_id
+        n = len(data)
+        if fastdata.SUPPORTED and fastdata.try_send(h2, sid, data, n):
+            return
         window = h2.local_flow_control_window(sid)
         max_frame = h2.max_outbound_frame_size
-        n = len(data)
-        if n <= window and n <= max_frame:  # the common case: one frame, no slicing
+        if n <= window and n <= max_frame:  # one frame, no slicing
             h2.send_data(sid, data if isinstance(data, bytes | memoryview) else bytes(data))
             return
         view = memoryview(data).cast("B")
