@@ -115,6 +115,12 @@ class HBONEServerProtocol(H2Protocol):
             self.closed = True
             cast(asyncio.Transport, transport).abort()
             return
+        revocation = self.proxy.revocation
+        if revocation is not None and (revoked := revocation.admit(self, session, "destination")):
+            log_failed(self.src, self.dst, "destination", f"tls handshake failed: {revoked}")
+            self.closed = True
+            cast(asyncio.Transport, transport).abort()
+            return
         super().connection_made(transport)
         self.proxy.inbound_connections.add(self)
 
@@ -124,6 +130,8 @@ class HBONEServerProtocol(H2Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.proxy.inbound_connections.discard(self)
+        if self.proxy.revocation is not None:
+            self.proxy.revocation.forget(self)
         super().connection_lost(exc)
 
     def on_event(self, ev: hbone.Event) -> None:

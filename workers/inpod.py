@@ -35,6 +35,7 @@ from workers.dns import BoundPair, DNSServer, bind_hosts, bind_pairs, ipv6_on_lo
 from workers.inbound import HBONEListener
 from workers.metrics import WorkerMetrics
 from workers.proxy import OnDemand, Proxy
+from workers.revocation import Revocation
 from workers.tasks import TaskSet
 from workers.tracking import ConnectionTracker
 from ztunnel import fdchannel, sockets, tls
@@ -123,9 +124,11 @@ class InPodManager:
         metrics: WorkerMetrics,
         trackers: list[ConnectionTracker],
         on_demand: OnDemand | None = None,
+        revocation: Revocation | None = None,
     ) -> None:
         self.config = config
         self.on_demand = on_demand
+        self.revocation = revocation
         self.channel = channel
         self.index = index
         self.state = state
@@ -238,6 +241,7 @@ class InPodManager:
             contexts=self.contexts,
             new_socket=new_socket,
             on_demand=self.on_demand,
+            revocation=self.revocation,
         )
         pod = PodProxy(uid, info, nid, executor, proxy, tracker)
         try:

@@ -18,6 +18,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from workers.revocation import REVOKED_FLAG, Revocation
 from workers.tunnel import H2Protocol, TunnelLeg
 from ztunnel import tls
 from ztunnel.core import hbone as core
@@ -70,6 +71,7 @@ class HBONEClientProtocol(H2Protocol):
         self.pool = pool
         self.key = key
         self.error: str | None = None
+        self.error_flag = "IDENTITY_ERROR"  # the response_flags of `error`
         self.peer_identity: str | None = None
         self.waiting: dict[int, Callable[[int], None]] = {}
         self.idle_handle: asyncio.TimerHandle | None = None
@@ -80,6 +82,11 @@ class HBONEClientProtocol(H2Protocol):
             identity = tls.verify_outbound(session, expected=self.key.dst_ids)
         except tls.TLSError as e:
             self.error = str(e)
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        revocation = self.pool.revocation
+        if revocation is not None and (revoked := revocation.admit(self, session, "source")):
+            self.error, self.error_flag = f"tls handshake failed: {revoked}", REVOKED_FLAG
             transport.abort()  # type: ignore[attr-defined]
             return
         self.peer_identity = str(identity)
@@ -124,6 +131,8 @@ class HBONEClientProtocol(H2Protocol):
             callback(0)
 
     def on_closed(self) -> None:
+        if self.pool.revocation is not None:
+            self.pool.revocation.forget(self)
         for callback in self.waiting.values():
             callback(0)
         self.waiting.clear()
@@ -136,8 +145,10 @@ class Pool:
         config: Config,
         contexts: tls.ContextCache,
         new_socket: Callable[[str], Awaitable[socket.socket]],
+        revocation: Revocation | None = None,
     ) -> None:
         self.config = config
+        self.revocation = revocation
         self.contexts = contexts
         self.new_socket = new_socket
         self.conns: dict[WorkloadKey, list[HBONEClientProtocol]] = {}
@@ -202,7 +213,7 @@ class Pool:
             sock.close()
             raise PoolError(f"tls handshake failed: {e}", "TLS_FAILURE") from e
         if proto.error is not None:
-            raise PoolError(proto.error, "IDENTITY_ERROR")
+            raise PoolError(proto.error, proto.error_flag)
         self.handshakes += 1
         return proto
 

@@ -19,6 +19,7 @@ from workers import authz
 from workers.accept import Accepted
 from workers.pool import HBONEClientProtocol, Pool, PoolError, WorkloadKey
 from workers.relay import Relay
+from workers.revocation import Revocation
 from workers.tasks import TaskSet
 from workers.tracking import ConnectionTracker, Tracked, log_failed
 from workers.tunnel import H2Protocol, TunnelLeg
@@ -74,8 +75,10 @@ class Proxy:
         contexts: tls.ContextCache,
         new_socket: SocketFactory | None = None,
         on_demand: OnDemand | None = None,
+        revocation: Revocation | None = None,
     ) -> None:
         self.config = config
+        self.revocation = revocation  # CRL_PATH in force, or None
         self.on_demand = on_demand  # XDS_ON_DEMAND: ask the supervisor for a missed address
         # Upstream sockets: in this process's netns, or (in-pod mode) in the pod's.
         self.new_socket: SocketFactory = new_socket or self._local_socket
@@ -85,7 +88,7 @@ class Proxy:
         self.tracker = tracker
         self.tasks = tasks
         self.contexts = contexts
-        self.pool = Pool(config, contexts, self.new_socket)
+        self.pool = Pool(config, contexts, self.new_socket, revocation)
         self.inbound_connections: set[H2Protocol] = set()  # HBONE server connections
         self.rng = random.Random()
         self.closed = False  # closed (its pod is gone): connections still connecting give up

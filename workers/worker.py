@@ -30,6 +30,7 @@ from workers.inbound import HBONEListener
 from workers.inpod import InPodManager
 from workers.metrics import WorkerMetrics
 from workers.proxy import Proxy
+from workers.revocation import Revocation
 from workers.tasks import TaskSet
 from workers.tracking import ConnectionTracker
 from ztunnel import sockets, tls
@@ -85,6 +86,9 @@ class Worker:
         self._seq_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._demand_ids = 0
         self.contexts = tls.ContextCache()
+        self.revocation = (
+            Revocation(config.crl_path, self.metrics, self.trackers) if config.crl_path else None
+        )
         self.proxies: list[Proxy] = []
         self.listening = False
         self.inpod: InPodManager | None = None
@@ -100,6 +104,7 @@ class Worker:
                 metrics=self.metrics,
                 trackers=self.trackers,
                 on_demand=self.on_demand if config.xds_on_demand else None,
+                revocation=self.revocation,
             )
         self._stop = asyncio.Event()
         self._exit_code = ipc.EXIT_OK
@@ -124,6 +129,8 @@ class Worker:
         self.tasks.spawn(self._recv_loop(self._sub, self._on_pub), name="state-sub")
         self.tasks.spawn(self._recv_loop(self._dealer, self._on_direct), name="control")
         self.tasks.spawn(self._heartbeat(), name="heartbeat")
+        if self.revocation is not None:
+            self.tasks.spawn(self.revocation.watch(), name="crl-watch")
         if self.inpod is not None:
             self.tasks.spawn(self.inpod.run(), name="fd-channel")
         await self._stop.wait()
@@ -203,6 +210,7 @@ class Worker:
             tasks=self.tasks,
             contexts=self.contexts,
             on_demand=self.on_demand if on_demand else None,
+            revocation=self.revocation,
         )
         self.proxies.append(proxy)
         return proxy

@@ -122,6 +122,26 @@ class FakeCA:
             not_after=float(end),
         )
 
+    def sign_crl(
+        self, serials: Sequence[int], *, now: float | None = None, ttl: float = 86400.0
+    ) -> bytes:
+        """A PEM CRL from this root revoking `serials`: for CRL_PATH in demos and tests."""
+        now = time.time() if now is None else now
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self._root.subject)
+            .last_update(_utc(int(now - CLOCK_SKEW)))
+            .next_update(_utc(int(now + ttl)))
+        )
+        for serial in serials:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(_utc(int(now - CLOCK_SKEW)))
+                .build()
+            )
+        return builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
     def _sign_leaf(
         self, public_key: ec.EllipticCurvePublicKey, sans: list[str], start: int, end: int
     ) -> x509.Certificate:

@@ -40,6 +40,7 @@ fallback where memfd or /proc is unavailable (files unlinked right after loading
 
 from __future__ import annotations
 
+import _ssl
 import contextlib
 import errno
 import os
@@ -287,6 +288,19 @@ def verify_client_trust_domain(session: SSLSession, trust_domain: str) -> Identi
     raise TLSIdentityError(
         f"no client identity in trust domain {trust_domain}: {[str(i) for i in identities]}"
     )
+
+
+def verified_chain(session: SSLSession) -> list[bytes] | None:
+    """The peer's chain as OpenSSL verified it (DER, leaf first, trust anchor last).
+
+    Python 3.11 has no public API for it (3.13 adds `get_verified_chain`); the `_ssl` object
+    has had the method since 3.10. None if this Python does not offer it.
+    """
+    sslobj = getattr(session, "_sslobj", None)
+    getter = getattr(sslobj, "get_verified_chain", None)
+    if getter is None:
+        return None
+    return [c.public_bytes(_ssl.ENCODING_DER) for c in getter()]
 
 
 def alpn_ok(session: SSLSession) -> bool:

@@ -51,6 +51,18 @@ FAMILIES: dict[str, Family] = {
             "The total number of TCP connections that failed to establish (unstable)",
         ),
         Family(m.TCP_SOCKETS_OPEN, "gauge", "The current number of open TCP sockets (unstable)"),
+        Family(
+            "istio_crl_policy_rejections",
+            "counter",
+            "The total number of connections rejected or closed because a certificate in the "
+            "peer's chain is revoked (unstable)",
+        ),
+        Family(
+            "istio_crl_untracked_connections",
+            "counter",
+            "The total number of connections that could not be tracked for CRL re-checks "
+            "(unstable)",
+        ),
         Family("istio_dns_requests", "counter", "Total number of DNS requests (unstable)"),
         Family(
             "istio_dns_upstream_requests",
