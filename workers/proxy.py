@@ -354,7 +354,7 @@ class Proxy:
             destination_service=plan.destination_service,
             security_policy="mutual_tls",
         )
-        leg = TunnelLeg(lambda _: self.tracker.closed(conn))
+        leg = TunnelLeg(lambda _: leg_closed(self.tracker, conn, leg))
         conn = Tracked(
             flow=TunnelFlow(leg, outbound=True),
             labels=labels,
@@ -495,6 +495,13 @@ def _chain(
         second(acc)
 
     return both
+
+
+def leg_closed(tracker: ConnectionTracker, conn: Tracked, leg: TunnelLeg) -> None:
+    """A tunnel leg finished: a tunnel that broke under it is the connection's error."""
+    if leg.tunnel_error is not None and conn.error is None:
+        conn.error = leg.tunnel_error
+    tracker.closed(conn)
 
 
 def _describe(exc: BaseException) -> str:

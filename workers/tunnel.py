@@ -42,6 +42,7 @@ class TunnelLeg(asyncio.Protocol):
         "on_done",
         "stream_id",
         "transport",
+        "tunnel_error",
     )
 
     def __init__(self, on_done: Callable[[TunnelLeg], None]) -> None:
@@ -52,6 +53,7 @@ class TunnelLeg(asyncio.Protocol):
         self.bytes_to_stream = 0  # TCP -> h2
         self.bytes_from_stream = 0  # h2 -> TCP
         self.error: str | None = None
+        self.tunnel_error: str | None = None  # the HTTP/2 side reset the stream or went away
         self._pending: list[bytes] = []  # stream bytes that arrived before the TCP side existed
         self._unacked = 0
         self._write_paused = False
@@ -156,6 +158,8 @@ class TunnelLeg(asyncio.Protocol):
     def on_reset(self, reason: str) -> None:
         if self.error is None:
             self.error = reason
+        if self.tunnel_error is None and not (self._sent_end and self._peer_ended):
+            self.tunnel_error = reason
         self._peer_ended = True
         self._sent_end = True
         if self.transport is not None:
@@ -251,11 +255,11 @@ class H2Protocol(asyncio.Protocol):
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
+        self.on_closed()  # first: waiters learn why before their legs report the close
         reason = _describe(exc) if exc is not None else "connection closed"
         for leg in tuple(self.legs.values()):
             leg.on_reset(reason)
         self.legs.clear()
-        self.on_closed()
 
     # -- used by legs ---------------------------------------------------------------------------
 
