@@ -556,13 +556,30 @@ def test_upstream_sockets_come_from_the_socket_factory(tmp_path: Path) -> None:
     run(main, 20)
 
 
+def _udp_held_port() -> tuple[socket.socket, int]:
+    """A UDP socket on a port whose TCP twin is free.
+
+    Below the ephemeral range (32768+), so that no outgoing TCP connection of a concurrent
+    test can take the TCP port between this check and the test's own bind.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(27000, 32000)
+        holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            holder.bind(("127.0.0.1", port))
+            sockets.probe_port_free("127.0.0.1", port)
+        except OSError:
+            holder.close()
+            continue
+        return holder, port
+    raise AssertionError("no port with UDP and TCP both free in 27000-31999")
+
+
 def test_bind_failure_raises_and_leaves_nothing_bound() -> None:
-    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with holder:
-        holder.bind(("127.0.0.1", 0))
-        port = holder.getsockname()[1]
-        with pytest.raises(sockets.BindError, match="udp"):
-            bind_pairs(["127.0.0.1"], port)
+    holder, port = _udp_held_port()
+    with holder, pytest.raises(sockets.BindError, match="udp"):
+        bind_pairs(["127.0.0.1"], port)
     sockets.probe_port_free("127.0.0.1", port)  # the TCP half was released
 
 
