@@ -17,11 +17,18 @@ from typing import cast
 
 from workers import authz
 from workers.pool import h2_settings
-from workers.proxy import CONNECT_TIMEOUT, Proxy, TunnelFlow, _describe, _workload_name
+from workers.proxy import (
+    CONNECT_TIMEOUT,
+    Proxy,
+    TunnelFlow,
+    _describe,
+    _workload_name,
+    leg_closed,
+)
 from workers.tracking import Tracked, log_failed
 from workers.tunnel import H2Protocol, TunnelLeg
 from ztunnel import sockets, tls
-from ztunnel.core import hbone, rbac, routing
+from ztunnel.core import hbone, proxyproto, rbac, routing
 from ztunnel.core import metrics as m
 from ztunnel.core.identity import Identity
 from ztunnel.core.model import Workload
@@ -103,6 +110,7 @@ class HBONEServerProtocol(H2Protocol):
         self.local = local
         self.src, self.dst, self.dst_ip = src, dst, dst_ip
         self.src_ip = src.rsplit(":", 1)[0].strip("[]")
+        self.src_addr = (self.src_ip, int(src.rsplit(":", 1)[1]))
         self.peer_identity: Identity | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -140,7 +148,8 @@ class HBONEServerProtocol(H2Protocol):
             # CONNECT, before our answer (RFC 9113 §8.5). The leg holds those bytes, and
             # their flow-control credit, until the upstream socket exists.
             holder: list[Tracked] = []
-            leg = TunnelLeg(lambda _: self.proxy.tracker.closed(holder[0]) if holder else None)
+            tracker = self.proxy.tracker
+            leg = TunnelLeg(lambda leg: leg_closed(tracker, holder[0], leg) if holder else None)
             leg.bind_stream(self, ev.stream_id)
             self.proxy.tasks.spawn(self._serve_stream(ev, leg, holder), name="hbone-stream")
         elif isinstance(ev, hbone.RequestRejected):
@@ -199,10 +208,23 @@ class HBONEServerProtocol(H2Protocol):
             self.flush()
             proxy.tracker.closed(conn)
             return
-        await self._connect(ev, conn, leg, (target.ip, target.port))
+        hop, preamble = (target.ip, target.port), b""
+        if target.proxy_protocol and target.tunnel_target is not None:
+            # The "sandwich" (§9.7): the app learns the client and the tunnel target from a
+            # PROXY v2 header; with LOCALHOST_APP_TUNNEL it listens on the pod's loopback.
+            if proxy.config.localhost_app_tunnel:
+                hop = ("::1" if ":" in target.ip else "127.0.0.1", target.port)
+            identity = str(self.peer_identity) if self.peer_identity is not None else None
+            preamble = proxyproto.encode_v2(self.src_addr, target.tunnel_target, identity)
+        await self._connect(ev, conn, leg, hop, preamble)
 
     async def _connect(
-        self, ev: hbone.ConnectRequested, conn: Tracked, leg: TunnelLeg, hop: tuple[str, int]
+        self,
+        ev: hbone.ConnectRequested,
+        conn: Tracked,
+        leg: TunnelLeg,
+        hop: tuple[str, int],
+        preamble: bytes = b"",
     ) -> None:
         ip, port = hop
         loop = asyncio.get_running_loop()
@@ -211,6 +233,8 @@ class HBONEServerProtocol(H2Protocol):
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
                     await loop.sock_connect(sock, (ip, port))
+                    if preamble:  # before any byte of the stream, which the leg may hold
+                        await loop.sock_sendall(sock, preamble)
                 await loop.create_connection(lambda: leg, sock=sock)
             except BaseException:
                 sock.close()
