@@ -153,7 +153,7 @@ class Pool:
         self.new_socket = new_socket
         self.conns: dict[WorkloadKey, list[HBONEClientProtocol]] = {}
         self._connecting: dict[WorkloadKey, asyncio.Future[None]] = {}
-        self._settings = h2_settings(config, server=False)
+        self.settings = h2_settings(config, server=False)
         self.handshakes = 0  # connections established, for tests and metrics
 
     async def checkout(self, key: WorkloadKey, cert: WorkloadCertificate) -> HBONEClientProtocol:
@@ -203,7 +203,7 @@ class Pool:
         max_streams = self.config.pool_max_streams_per_connection
         try:
             _, proto = await loop.create_connection(
-                lambda: HBONEClientProtocol(self, key, max_streams, self._settings),
+                lambda: HBONEClientProtocol(self, key, max_streams, self.settings),
                 sock=sock,
                 ssl=self.contexts.client(cert),
                 server_hostname="",

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from workers import authz
+from workers import authz, double
 from workers.accept import Accepted
 from workers.pool import HBONEClientProtocol, Pool, PoolError, WorkloadKey
 from workers.relay import Relay
@@ -267,11 +267,7 @@ class Proxy:
                 destination_service=plan.destination_service,
             )
             return self._start_tcp(acc, src, plan.next_hop, labels)
-        if plan.kind == "hbone":
-            return self._start_hbone(acc, src, source, plan)
-        return self._fail(
-            acc, src, dst, "source", f"{plan.kind} routing is not supported by this build"
-        )
+        return self._start_hbone(acc, src, source, plan)
 
     def _fail(self, acc: Accepted, src: str, dst: str, reporter: m.Reporter, reason: str) -> None:
         log_failed(src, dst, reporter, reason)
@@ -372,7 +368,11 @@ class Proxy:
             self.tracker.closed(conn)
 
         acc.on_lost = _chain(acc.on_lost, lost)
-        self.tasks.spawn(self._connect_hbone(acc, leg, conn, source, plan), name="connect-hbone")
+        if plan.kind == "double_hbone":
+            connect = self._connect_double(acc, leg, conn, source, plan)
+        else:
+            connect = self._connect_hbone(acc, leg, conn, source, plan)
+        self.tasks.spawn(connect, name="connect-hbone")
 
     async def _connect_hbone(
         self,
@@ -434,17 +434,64 @@ class Proxy:
             if not fut.done():
                 fut.set_result(status)
 
-        headers = [
-            ("baggage", hbone.baggage_header(source)),
-            ("forwarded", hbone.forwarded_header(acc.peer[0], acc.peer[1], plan.forwarded_host)),
-            ("traceparent", str(hbone.TraceParent.new(self.rng))),
-        ]
-        h2.open(plan.hbone_authority, headers, leg, on_response)
+        h2.open(plan.hbone_authority, self._hbone_headers(source, acc, plan), leg, on_response)
         try:
             async with asyncio.timeout(RESPONSE_TIMEOUT):
                 return await fut
         except TimeoutError:
             return 0
+
+    def _hbone_headers(
+        self, source: Workload, acc: Accepted, plan: routing.OutboundPlan
+    ) -> list[tuple[str, str]]:
+        return [
+            ("baggage", hbone.baggage_header(source)),
+            ("forwarded", hbone.forwarded_header(acc.peer[0], acc.peer[1], plan.forwarded_host)),
+            ("traceparent", str(hbone.TraceParent.new(self.rng))),
+        ]
+
+    async def _connect_double(
+        self,
+        acc: Accepted,
+        leg: TunnelLeg,
+        conn: Tracked,
+        source: Workload,
+        plan: routing.OutboundPlan,
+    ) -> None:
+        """Double HBONE through the destination network's gateway (`workers.double`)."""
+        gateway, authority = plan.gateway, plan.hbone_authority
+        assert gateway is not None and authority is not None
+        cert = self.certificate(source)
+        if cert is None:
+            return self._hbone_failed(
+                acc, conn, f"no certificate for {source.identity()}", "IDENTITY_ERROR"
+            )
+        src_id, peer = source.identity(), acc.peer[0]
+        try:
+            tunnel, status = await double.open_double(
+                self.pool,
+                outer_key=WorkloadKey(src_id, gateway.expected_identities, gateway.next_hop, peer),
+                inner_key=WorkloadKey(src_id, plan.expected_identities, plan.next_hop, peer),
+                cert=cert,
+                authority=authority,
+                headers=self._hbone_headers(source, acc, plan),
+                network=self.config.network,
+                leg=leg,
+            )
+        except PoolError as e:
+            return self._hbone_failed(acc, conn, str(e), e.flag)
+        except OSError as e:
+            return self._hbone_failed(acc, conn, _describe(e), "CONNECT")
+        if status != 200:
+            leg.abort()
+            reason = f"http status: {status}" if status else "connection closed before response"
+            return self._hbone_failed(acc, conn, reason, "CONNECT")
+        if self.closed or acc.lost or not acc.handoff(leg):
+            leg.abort()
+            tunnel.abort()
+            if self.closed:
+                return self._hbone_failed(acc, conn, CLOSED_ERROR, "CONNECT")
+            self.tracker.closed(conn)
 
     def _hbone_failed(self, acc: Accepted, conn: Tracked, reason: str, flag: str) -> None:
         conn.response_flags = flag
