@@ -368,13 +368,9 @@ class Proxy:
             self.tracker.closed(conn)
 
         acc.on_lost = _chain(acc.on_lost, lost)
-        if plan.kind == "double_hbone":
-            connect = self._connect_double(acc, leg, conn, source, plan)
-        else:
-            connect = self._connect_hbone(acc, leg, conn, source, plan)
-        self.tasks.spawn(connect, name="connect-hbone")
+        self.tasks.spawn(self._connect_tunnel(acc, leg, conn, source, plan), name="connect-hbone")
 
-    async def _connect_hbone(
+    async def _connect_tunnel(
         self,
         acc: Accepted,
         leg: TunnelLeg,
@@ -387,6 +383,20 @@ class Proxy:
             return self._hbone_failed(
                 acc, conn, f"no certificate for {source.identity()}", "IDENTITY_ERROR"
             )
+        if plan.kind == "double_hbone":
+            return await self._connect_double(acc, leg, conn, source, plan, cert=cert)
+        return await self._connect_hbone(acc, leg, conn, source, plan, cert=cert)
+
+    async def _connect_hbone(
+        self,
+        acc: Accepted,
+        leg: TunnelLeg,
+        conn: Tracked,
+        source: Workload,
+        plan: routing.OutboundPlan,
+        *,
+        cert: WorkloadCertificate,
+    ) -> None:
         key = WorkloadKey(source.identity(), plan.expected_identities, plan.next_hop, acc.peer[0])
         try:
             h2 = await self.pool.checkout(key, cert)
@@ -457,15 +467,12 @@ class Proxy:
         conn: Tracked,
         source: Workload,
         plan: routing.OutboundPlan,
+        *,
+        cert: WorkloadCertificate,
     ) -> None:
         """Double HBONE through the destination network's gateway (`workers.double`)."""
         gateway, authority = plan.gateway, plan.hbone_authority
         assert gateway is not None and authority is not None
-        cert = self.certificate(source)
-        if cert is None:
-            return self._hbone_failed(
-                acc, conn, f"no certificate for {source.identity()}", "IDENTITY_ERROR"
-            )
         src_id, peer = source.identity(), acc.peer[0]
         try:
             tunnel, status = await double.open_double(
