@@ -338,6 +338,10 @@ class InPodManager:
 
 def _bind_pod(config: Config) -> _Bound:
     """Bind the pod's listeners; runs on the pod's netns thread."""
+    if config.listener_migration:
+        _, why = sockets.enable_listener_migration()  # this thread is in the pod's netns
+        if why is not None:
+            log.debug("pod netns: cannot set %s (%s)", sockets.TCP_MIGRATE_REQ, why)
     mark = config.packet_mark
     host = _wildcard(config)
     opened: list[socket.socket] = []

@@ -44,6 +44,29 @@ def bind_listener(
     return sock
 
 
+TCP_MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def enable_listener_migration(path: str = TCP_MIGRATE_REQ) -> tuple[bool, str | None]:
+    """Set net.ipv4.tcp_migrate_req=1 in the calling thread's netns: (changed, why not).
+
+    Our workers share each listening port with SO_REUSEPORT. When one of them dies, the
+    kernel resets the connections waiting in its accept queue unless this sysctl is on, in
+    which case it moves them to another listener of the group (Linux >= 5.14). The setting
+    belongs to the network namespace (`/proc/sys/net` follows the opening thread's netns),
+    so it is applied wherever we listen: our own netns and each pod's.
+    """
+    try:
+        with open(path) as f:
+            if f.read().strip() == "1":
+                return False, None
+        with open(path, "w") as f:
+            f.write("1")
+    except OSError as e:
+        return False, e.strerror or str(e)
+    return True, None
+
+
 def probe_port_free(host: str, port: int) -> None:
     """Raise BindError if some other socket holds host:port.
 

@@ -964,3 +964,14 @@ def test_config_module_stays_sans_io() -> None:
         "logging",
     }
     assert imported & forbidden == set()
+
+
+# --- listener migration (ours) -----------------------------------------------------------------
+
+
+def test_listener_migration_defaults_on_and_can_be_turned_off() -> None:
+    assert load({}).listener_migration is True
+    assert load({"ZTUNNEL_LISTENER_MIGRATION": "false"}).listener_migration is False
+    assert env_error({"ZTUNNEL_LISTENER_MIGRATION": "perhaps"}).startswith(
+        "invalid env var ZTUNNEL_LISTENER_MIGRATION=perhaps"
+    )

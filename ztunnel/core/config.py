@@ -751,6 +751,7 @@ class Config:
     # worker processes
     workers: int  # processes; ZTUNNEL_WORKERS, else upstream worker-thread rules (§1.4)
     workers_source: str  # how `workers` was chosen, for the start-up log
+    listener_migration: bool  # ZTUNNEL_LISTENER_MIGRATION (ours): tcp_migrate_req=1, default on
 
     config_warnings: tuple[str, ...]  # non-fatal problems for the caller to log
 
@@ -845,6 +846,7 @@ class Config:
             log_level=_log_level(e),
             workers=workers,
             workers_source=workers_source,
+            listener_migration=e.flag("ZTUNNEL_LISTENER_MIGRATION", True),
             config_warnings=warnings,
         )
         cfg.validate()
@@ -1025,6 +1027,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "upstream's log filter, honoured when LOG_LEVEL is unset"),
     EnvVar("ZTUNNEL_WORKERS", "positive int", "",
            "worker process count; wins over the rules below"),
+    EnvVar("ZTUNNEL_LISTENER_MIGRATION", "bool", "true",
+           "set net.ipv4.tcp_migrate_req=1 in every netns we listen in, so connections queued "
+           "on a worker that dies are served by the others"),
     EnvVar("ZTUNNEL_WORKER_THREADS", "N|P%|0", "see ZTUNNEL_RESOURCE_CPU_*",
            "worker count: N, P% of cpus, or 0 = all cpus"),
     EnvVar("ZTUNNEL_CPU_LIMIT", "usize", "logical cpus", "cpu count override (downward API)"),

@@ -31,7 +31,13 @@ from ztunnel.core.config import Config
 from ztunnel.core.errors import ConfigError, ZtunnelError
 from ztunnel.core.model import StateDelta
 from ztunnel.core.state import ProxyState
-from ztunnel.sockets import SO_MARK, BindError, probe_port_free
+from ztunnel.sockets import (
+    SO_MARK,
+    TCP_MIGRATE_REQ,
+    BindError,
+    enable_listener_migration,
+    probe_port_free,
+)
 from ztunnel.supervisor import configdump
 from ztunnel.supervisor.admin import admin_routes
 from ztunnel.supervisor.aggregate import WorkerMetricsCollector
@@ -156,6 +162,20 @@ class Supervisor:
             self.readiness.register(READY_WORKLOADS)
             _verify_inpod_privileges()
         self._probe_data_plane_ports()
+        if self.config.listener_migration:
+            changed, why = enable_listener_migration()
+            if why is not None:
+                log.info(
+                    "cannot set %s (%s): connections queued on a worker that dies are reset",
+                    TCP_MIGRATE_REQ,
+                    why,
+                )
+            elif changed:
+                log.info(
+                    "set %s to 1 in this network namespace (ZTUNNEL_LISTENER_MIGRATION=false "
+                    "leaves it alone)",
+                    TCP_MIGRATE_REQ,
+                )
         await self._start_http()
         self.store.channel = StateChannel(self.runtime_dir)
         if shared:
