@@ -245,6 +245,7 @@ class Proxy:
         host: str,
     ) -> None:
         """Hostname-only workloads: resolve on demand, prefer the original family (§10.5)."""
+        self.tracker.metrics.inc(m.ON_DEMAND_DNS, m.on_demand_dns_labels(source, host))
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)

@@ -120,6 +120,7 @@ DEFAULTS: list[tuple[str, object]] = [
     ("inbound_port", 15008),
     ("socks5_port", 15080),
     ("workers", 2),
+    ("listener_migration", True),
     ("config_warnings", ()),
 ]
 

@@ -21,6 +21,7 @@ TCP_FAILED = "istio_tcp_connections_failed"
 TCP_RECEIVED = "istio_tcp_received_bytes"
 TCP_SENT = "istio_tcp_sent_bytes"
 TCP_SOCKETS_OPEN = "istio_tcp_sockets_open"
+ON_DEMAND_DNS = "istio_on_demand_dns"
 
 UNKNOWN = "unknown"
 NO_FLAGS = "-"
@@ -93,6 +94,11 @@ def _destination_labels(w: Workload | None) -> list[tuple[str, str]]:
         ("destination_version", _v(w.canonical_revision if w else None)),
         ("destination_cluster", _v(w.cluster_id if w else None)),
     ]
+
+
+def on_demand_dns_labels(source: Workload, hostname: str) -> Labels:
+    """OnDemandDnsLabels (`src/proxy/metrics.rs`): the source workload, then the hostname."""
+    return (*_source_labels(source, source.identity()), ("hostname", hostname))
 
 
 def socket_labels(reporter: Reporter) -> Labels:

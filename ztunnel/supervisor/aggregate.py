@@ -52,6 +52,11 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(m.TCP_SOCKETS_OPEN, "gauge", "The current number of open TCP sockets (unstable)"),
         Family(
+            m.ON_DEMAND_DNS,
+            "counter",
+            "The total number of requests that used on-demand DNS (unstable)",
+        ),
+        Family(
             "istio_crl_policy_rejections",
             "counter",
             "The total number of connections rejected or closed because a certificate in the "
