@@ -36,8 +36,23 @@ RESPONSE_TIMEOUT = 10.0
 FORWARDED_NETWORK = "x-forwarded-network"
 
 
+class _SSLProtocol(sslproto.SSLProtocol):
+    # The standard library allocates max_size bytes of input buffer per connection (256 KiB);
+    # two TLS records' worth is plenty, and inner tunnels are one per proxied connection.
+    max_size = 32 * 1024
+
+
 class InnerClientProtocol(HBONEClientProtocol):
     """The inner HTTP/2 connection: one stream, closed as soon as that stream is done."""
+
+    response_baggage = core.Baggage()
+
+    def on_event(self, ev: core.Event) -> None:
+        if isinstance(ev, core.ResponseReceived):
+            values = [v for k, v in ev.headers if k == "baggage"]
+            if values:
+                self.response_baggage = core.parse_baggage(",".join(values))
+        super().on_event(ev)
 
     def on_stream_closed(self) -> None:
         if not self.legs and not self.closed:
@@ -55,7 +70,7 @@ class InnerTunnel:
         self.outer_leg = TunnelLeg(self._outer_done)
         self.inner = InnerClientProtocol(pool, key, 1, settings)
         self.handshake: asyncio.Future[None] = loop.create_future()
-        self._ssl: Any = sslproto.SSLProtocol(
+        self._ssl: Any = _SSLProtocol(
             loop,
             self.inner,
             context,

@@ -494,6 +494,10 @@ class Proxy:
             leg.abort()
             reason = f"http status: {status}" if status else "connection closed before response"
             return self._hbone_failed(acc, conn, reason, "CONNECT")
+        # Metrics name the gateway; the log names the workload behind it, as upstream derives
+        # it from the inner response's baggage and the inner peer's identity.
+        conn.dst_workload = tunnel.inner.response_baggage.workload_name or conn.dst_workload
+        conn.dst_identity = tunnel.inner.peer_identity
         if self.closed or acc.lost or not acc.handoff(leg):
             leg.abort()
             tunnel.abort()

@@ -47,6 +47,7 @@ class Tracked:
     src_workload: str | None = None
     dst_workload: str | None = None
     hbone_addr: str | None = None
+    dst_identity: str | None = None  # logged instead of the destination's (double HBONE)
     response_flags: str = m.NO_FLAGS
     error: str | None = None
     start: float = field(default_factory=time.monotonic)
@@ -169,7 +170,7 @@ def _fields(conn: Tracked) -> dict[str, object]:
     _put(fields, "dst.workload", conn.dst_workload)
     _put(fields, "dst.namespace", labels.get("destination_workload_namespace"))
     if mtls:
-        _put(fields, "dst.identity", labels.get("destination_principal"))
+        _put(fields, "dst.identity", conn.dst_identity or labels.get("destination_principal"))
     _put(fields, "dst.cluster", labels.get("destination_cluster"))
     fields["direction"] = _direction(conn.labels.reporter)
     return fields

@@ -223,6 +223,7 @@ def test_round_trip_through_the_gateway(  # type: ignore[no-untyped-def]
     )
     assert outbound.fields["dst.addr"] == f"{GATEWAY_IP}:{gateway.port}"
     assert outbound.fields["dst.hbone_addr"] == f"{SERVICE_HOST}:80"
+    assert outbound.fields["dst.identity"] == LOCAL_ID  # the inner peer, not the gateway
     assert "error" not in outbound.fields, outbound.fields
 
 
