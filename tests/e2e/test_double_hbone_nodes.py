@@ -20,24 +20,18 @@ tunnelled connection to it (the source came from another network).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import socket
-import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
 import pytest
+from hbone_gateway import HBONEGateway
 from mesh import (
     IO_TIMEOUT,
     PROJECT_ROOT,
@@ -51,7 +45,6 @@ from mesh import (
     recv_exact,
     send_and_drain,
     spiffe,
-    write_cert,
 )
 from netns import Netns, Network, enter
 
@@ -71,7 +64,6 @@ HBONE_PORT = 15008
 GATEWAY_PORT = 15008  # the gateway's hboneMtlsPort
 NET_A, NET_B = "net-a", "net-b"
 REDIRECT = str(PROJECT_ROOT / "scripts" / "redirect")
-GATEWAY_TIMEOUT = 5.0  # seconds to start or stop the gateway's event loop
 
 CLIENT = WorkloadSpec("client", NODE_A_IP, "node-a")
 SERVER = WorkloadSpec(
@@ -79,127 +71,6 @@ SERVER = WorkloadSpec(
 )
 GATEWAY = WorkloadSpec("istio-eastwestgateway", GATEWAY_IP, "node-gw", namespace="istio-system")
 SOMEONE_ELSE = spiffe("default", "someone-else")
-
-
-# ---------------------------------------------------------------------------------------------
-# The east-west gateway (adapted from tests/integration/test_double_hbone.py)
-
-
-class Gateway:
-    """An HBONE server in `ns` that forwards each CONNECT stream's bytes to `upstream`.
-
-    Its event loop runs on a thread that entered the namespace first, so the listener and
-    every upstream socket belong to the gateway node. `accepted` counts TLS connections,
-    `requests` the CONNECT headers of every stream, `peer_certs` each connection's client.
-    """
-
-    def __init__(
-        self, ns: Netns, cert_dir: Path, ca: FakeCA, identity: str, upstream: tuple[str, int]
-    ) -> None:
-        files = write_cert(cert_dir, "gateway", issue(ca, identity))
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_3
-        self.context.verify_mode = ssl.CERT_REQUIRED
-        self.context.load_verify_locations(cadata=ca.root_pem)
-        self.context.load_cert_chain(str(files.cert), str(files.key))
-        self.context.set_alpn_protocols(["h2"])
-        self.upstream = upstream
-        self.requests: list[dict[str, str]] = []
-        self.peer_certs: list[Any] = []
-        self.accepted = 0
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.Server | None = None
-        self._entered: list[BaseException | None] = []
-        self._thread = threading.Thread(
-            target=self._run, args=(ns.name,), daemon=True, name="gateway"
-        )
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(GATEWAY_TIMEOUT)
-
-    def _run(self, netns_name: str) -> None:
-        try:
-            enter(netns_name)
-        except OSError as e:
-            self._entered.append(e)
-        else:
-            self._entered.append(None)
-        self._loop.run_forever()
-
-    async def _start(self) -> None:
-        if self._entered[0] is not None:
-            raise self._entered[0]
-        self._server = await asyncio.start_server(
-            self._serve, GATEWAY_IP, GATEWAY_PORT, ssl=self.context
-        )
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        self.peer_certs.append(writer.get_extra_info("peercert"))
-        conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
-        )
-        conn.initiate_connection()
-        writer.write(conn.data_to_send())
-        upstreams: dict[int, asyncio.StreamWriter] = {}
-        pumps: set[asyncio.Task[None]] = set()
-
-        async def pump(sid: int, up: asyncio.StreamReader) -> None:
-            with contextlib.suppress(ConnectionError, h2.exceptions.H2Error):
-                while chunk := await up.read(16384):
-                    conn.send_data(sid, chunk)
-                    writer.write(conn.data_to_send())
-                conn.end_stream(sid)
-                writer.write(conn.data_to_send())
-
-        try:
-            while data := await reader.read(65536):
-                for ev in conn.receive_data(data):
-                    if isinstance(ev, h2.events.RequestReceived):
-                        headers = {str(k): str(v) for k, v in ev.headers}
-                        self.requests.append(headers)
-                        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-                        upstreams[ev.stream_id] = up_writer
-                        conn.send_headers(ev.stream_id, [(":status", "200")])
-                        task = asyncio.get_running_loop().create_task(pump(ev.stream_id, up_reader))
-                        pumps.add(task)
-                    elif isinstance(ev, h2.events.DataReceived):
-                        up = upstreams.get(ev.stream_id)
-                        if up is not None:
-                            up.write(ev.data)
-                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                    elif isinstance(ev, h2.events.StreamEnded):
-                        up = upstreams.get(ev.stream_id)
-                        if up is not None and up.can_write_eof():
-                            up.write_eof()
-                    elif isinstance(ev, h2.events.StreamReset):
-                        up = upstreams.pop(ev.stream_id, None)
-                        if up is not None:
-                            up.close()
-                writer.write(conn.data_to_send())
-        except (ConnectionError, h2.exceptions.ProtocolError):
-            pass
-        finally:
-            for task in pumps:
-                task.cancel()
-            for up in upstreams.values():
-                up.close()
-            writer.close()
-
-    def close(self) -> None:
-        async def stop() -> None:
-            if self._server is not None:
-                self._server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(GATEWAY_TIMEOUT)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(GATEWAY_TIMEOUT)
-        if not self._thread.is_alive():
-            self._loop.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +112,7 @@ class ThreeNodes:
     b: Netns
     za: NodeZtunnel
     zb: NodeZtunnel
-    gateway: Gateway
+    gateway: HBONEGateway
     echo: EchoServer
 
     def client(self) -> socket.socket:
@@ -269,7 +140,12 @@ def start_nodes(
 
     echo = EchoServer(b, NODE_B_IP, ECHO_PORT)
     cleanups.append(echo.close)
-    gateway = Gateway(gw, tmp_path / "gateway-cert", ca, GATEWAY.identity, (NODE_B_IP, HBONE_PORT))
+    gateway = HBONEGateway(
+        issue(ca, GATEWAY.identity),
+        listen=(GATEWAY_IP, GATEWAY_PORT),
+        upstream=(NODE_B_IP, HBONE_PORT),
+        prepare=lambda: enter(gw.name),
+    )
     cleanups.append(gateway.close)
     # One worker on A: one connection pool, so "one outer connection" is exact.
     za = logs.add(

@@ -11,20 +11,12 @@ hostname and reaches the echo server. A client goes in through SOCKS5.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import ssl
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
 import pytest
 import yaml
 
@@ -36,6 +28,7 @@ from tests.integration.harness import (
     socks5_connect,
 )
 from tests.integration.hbone_client import mint
+from tests.integration.hbone_gateway import HBONEGateway
 
 GATEWAY_IP = "127.0.0.3"
 GATEWAY_ID = "spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway"
@@ -43,100 +36,6 @@ LOCAL_ID = "spiffe://cluster.local/ns/default/sa/default"
 SERVICE_HOST = "echo.default.svc.cluster.local"
 SERVICE_VIP = "10.96.0.20"
 ZTUNNEL_HBONE = (LOCALHOST, 15008)
-
-
-class Gateway:
-    """An HBONE server that forwards each CONNECT stream's bytes to ZTUNNEL_HBONE."""
-
-    def __init__(self) -> None:
-        cert = mint(GATEWAY_ID)
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_3
-        self.context.verify_mode = ssl.CERT_REQUIRED
-        self.context.load_verify_locations(cadata="".join(cert.roots_pem))
-        with tempfile.TemporaryDirectory() as d:
-            chain, key = Path(d, "chain.pem"), Path(d, "key.pem")
-            chain.write_text("".join(cert.chain_pem))
-            key.write_text(cert.key_pem)
-            self.context.load_cert_chain(str(chain), str(key))
-        self.context.set_alpn_protocols(["h2"])
-        self.requests: list[dict[str, str]] = []
-        self.peer_certs: list[Any] = []
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.Server | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(5)
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, GATEWAY_IP, 0, ssl=self.context)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.peer_certs.append(writer.get_extra_info("peercert"))
-        conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
-        )
-        conn.initiate_connection()
-        writer.write(conn.data_to_send())
-        upstreams: dict[int, asyncio.StreamWriter] = {}
-        pumps: set[asyncio.Task[None]] = set()
-
-        async def pump(sid: int, up: asyncio.StreamReader) -> None:
-            while chunk := await up.read(16384):
-                conn.send_data(sid, chunk)
-                writer.write(conn.data_to_send())
-            conn.end_stream(sid)
-            writer.write(conn.data_to_send())
-
-        try:
-            while data := await reader.read(65536):
-                for ev in conn.receive_data(data):
-                    if isinstance(ev, h2.events.RequestReceived):
-                        headers = {str(k): str(v) for k, v in ev.headers}
-                        self.requests.append(headers)
-                        up_reader, up_writer = await asyncio.open_connection(*ZTUNNEL_HBONE)
-                        upstreams[ev.stream_id] = up_writer
-                        conn.send_headers(ev.stream_id, [(":status", "200")])
-                        task = asyncio.get_running_loop().create_task(pump(ev.stream_id, up_reader))
-                        pumps.add(task)
-                    elif isinstance(ev, h2.events.DataReceived):
-                        up = upstreams.get(ev.stream_id)
-                        if up is not None:
-                            up.write(ev.data)
-                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                    elif isinstance(ev, h2.events.StreamEnded):
-                        up = upstreams.get(ev.stream_id)
-                        if up is not None and up.can_write_eof():
-                            up.write_eof()
-                    elif isinstance(ev, h2.events.StreamReset):
-                        up = upstreams.pop(ev.stream_id, None)
-                        if up is not None:
-                            up.close()
-                writer.write(conn.data_to_send())
-        except (ConnectionError, h2.exceptions.ProtocolError):
-            pass
-        finally:
-            for task in pumps:
-                task.cancel()
-            for up in upstreams.values():
-                up.close()
-            writer.close()
-
-    def close(self) -> None:
-        async def stop() -> None:
-            if self._server is not None:
-                self._server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
 
 
 def _config(path: Path, gateway_port: int, echo_port: int, sans: list[str]) -> Path:
@@ -186,15 +85,15 @@ def _config(path: Path, gateway_port: int, echo_port: int, sans: list[str]) -> P
 
 
 @pytest.fixture
-def gateway() -> Iterator[Gateway]:
-    gw = Gateway()
+def gateway() -> Iterator[HBONEGateway]:
+    gw = HBONEGateway(mint(GATEWAY_ID), listen=(GATEWAY_IP, 0), upstream=ZTUNNEL_HBONE)
     yield gw
     gw.close()
 
 
 @pytest.mark.timeout(60)
 def test_round_trip_through_the_gateway(  # type: ignore[no-untyped-def]
-    ztunnel, tmp_path: Path, gateway: Gateway
+    ztunnel, tmp_path: Path, gateway: HBONEGateway
 ) -> None:
     with EchoServer(LOCALHOST) as echo:
         config = _config(tmp_path / "local.yaml", gateway.port, echo.port, [LOCAL_ID])
@@ -229,7 +128,7 @@ def test_round_trip_through_the_gateway(  # type: ignore[no-untyped-def]
 
 @pytest.mark.timeout(60)
 def test_inner_identity_must_be_a_service_san(  # type: ignore[no-untyped-def]
-    ztunnel, tmp_path: Path, gateway: Gateway
+    ztunnel, tmp_path: Path, gateway: HBONEGateway
 ) -> None:
     with EchoServer(LOCALHOST) as echo:
         other = "spiffe://cluster.local/ns/default/sa/someone-else"
