@@ -2,58 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import netns
 import pytest
-from mesh import LogKeeper, private_ca_dir
-
-from ztunnel.fakeca import FakeCA
+from netns_fixtures import (  # noqa: F401  (pytest finds fixtures and hooks by name)
+    _requires_netns,
+    fake_ca,
+    mark_netns,
+    network,
+    pytest_runtest_makereport,
+    ztunnel_logs,
+)
 
 _HERE = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if _HERE in Path(str(item.path)).resolve().parents:
-            item.add_marker(pytest.mark.netns)
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _requires_netns() -> None:
-    """Every test here needs root and working `ip netns`; say why when skipping."""
-    reason = netns.unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def fake_ca() -> Iterator[tuple[str, FakeCA]]:
-    """(FAKE_CA_DIR, its root): shared by every ztunnel and raw client of the session."""
-    with private_ca_dir() as ca:
-        yield ca
-
-
-@pytest.fixture
-def network() -> Iterator[netns.Network]:
-    with netns.Network() as net:
-        yield net
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    """Remember each phase's outcome on the item, for `ztunnel_logs`."""
-    report = yield
-    setattr(item, f"_zte2e_{report.when}", report)
-    return report
-
-
-@pytest.fixture
-def ztunnel_logs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LogKeeper]:
-    """Register ztunnels; their logs land in tmp_path, and on failure in the report."""
-    keeper = LogKeeper(tmp_path)
-    yield keeper
-    call = getattr(request.node, "_zte2e_call", None)
-    keeper.finish(failed=call is None or call.failed)
+    mark_netns(items, _HERE)
