@@ -10,6 +10,8 @@ import asyncio
 import logging
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -206,3 +208,12 @@ async def test_disabled_without_crl_path(sessions: tuple[ssl.SSLSocket, ssl.SSLS
     assert rev.admit(FakeConn(), sessions[1], "destination") is None
     assert len(rev) == 0
     assert metrics.take_push().counters == ()
+
+
+def test_a_worker_without_crl_path_never_loads_x509_parsing() -> None:
+    # `cryptography.x509` costs ~9 MB of RSS per worker process; only CRL checking needs it.
+    code = "import sys, workers.worker; print('cryptography.x509' in sys.modules)"
+    argv = [sys.executable, "-c", code]
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

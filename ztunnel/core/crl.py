@@ -19,11 +19,15 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Sequence
-
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from typing import TYPE_CHECKING
 
 from ztunnel.core.errors import ZtunnelError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# `cryptography.x509` is imported where it is used: it adds ~9 MB to every worker process,
+# and only a worker with CRL_PATH set ever parses a CRL or a chain.
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\s*(.*?)-----END \1-----", re.S)
 
@@ -51,6 +55,8 @@ class RevocationList:
         """The CRLs in `data` (PEM or DER); CRLError naming the bad one."""
         if not data.strip():
             return cls()
+        from cryptography import x509  # noqa: PLC0415  (see the module's imports)
+
         if data.lstrip().startswith(b"-----BEGIN"):
             crls = []
             blocks = [m for m in _PEM_BLOCK.finditer(data) if m.group(1) == b"X509 CRL"]
@@ -73,6 +79,8 @@ class RevocationList:
         """Why the verified chain (DER, leaf first, anchor last) is revoked, or None."""
         if not self._by_issuer or len(chain) < 2:
             return None
+        from cryptography import x509  # noqa: PLC0415  (see the module's imports)
+
         certs = [x509.load_der_x509_certificate(der) for der in chain]
         for cert, issuer in itertools.pairwise(certs):
             for crl in self._by_issuer.get(cert.issuer.public_bytes(), ()):
@@ -86,6 +94,8 @@ class RevocationList:
         return None
 
     def _signed_by(self, crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+        from cryptography.hazmat.primitives.serialization import Encoding  # noqa: PLC0415
+
         key = (id(crl), issuer.public_bytes(Encoding.DER))
         ok = self._signed.get(key)
         if ok is None:
@@ -95,6 +105,8 @@ class RevocationList:
 
 
 def _may_sign_crls(issuer: x509.Certificate) -> bool:
+    from cryptography import x509  # noqa: PLC0415  (see the module's imports)
+
     try:
         usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
