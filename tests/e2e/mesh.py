@@ -6,6 +6,7 @@ log parsing, metric parsing, deadlines). Every wait has a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import http.client
@@ -18,10 +19,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE.parent / "integration"))
@@ -64,6 +65,8 @@ START_TIMEOUT = 20.0  # seconds: interpreter, supervisor and two workers, cold
 IO_TIMEOUT = 10.0  # seconds for one socket operation through the mesh
 METRICS_TIMEOUT = 10.0  # seconds: workers push metric deltas about once a second
 CERT_TTL = 3600.0  # seconds
+
+T = TypeVar("T")
 
 
 def spiffe(namespace: str, service_account: str, trust_domain: str = TRUST_DOMAIN) -> str:
@@ -126,6 +129,23 @@ def write_local_config(path: Path, workloads: Sequence[WorkloadSpec]) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # ztunnel inside a namespace
+
+
+class LoopThread:
+    """An event loop on a thread of its own, for the fake CNI's ZDS server."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="cni")
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self.loop.close()
 
 
 class NodeZtunnel:

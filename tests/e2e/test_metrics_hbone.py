@@ -14,16 +14,13 @@ is `tests/namespaced.rs::test_hbone_metrics_access` (inventory §17.2).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import socket
 import ssl
-import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import h2.config
 import h2.connection
@@ -33,6 +30,7 @@ from mesh import (
     IO_TIMEOUT,
     WORKERS,
     LogKeeper,
+    LoopThread,
     NodeZtunnel,
     WorkloadSpec,
     issue,
@@ -46,8 +44,6 @@ from controlplane.cni import FakeCNI
 from ztunnel.fakeca import FakeCA
 
 pytestmark = pytest.mark.timeout(90)
-
-T = TypeVar("T")
 
 NODE_NAME = "node-zt"
 NODE_IP = "198.18.0.1"
@@ -78,23 +74,6 @@ def _config(path: Path) -> Path:
     }
     path.write_text(json.dumps({"workloads": [ZTUNNEL.to_yaml()], "policies": [policy]}, indent=2))
     return path
-
-
-class LoopThread:
-    """An event loop on a thread of its own, for the fake CNI's ZDS server."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="cni")
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-        self.loop.close()
 
 
 @dataclass

@@ -17,18 +17,16 @@ The fake CNI runs on an event loop of its own (a thread), so the test itself can
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import signal
 import socket
-import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from mesh import (
@@ -38,6 +36,7 @@ from mesh import (
     HarnessError,
     HTTPReply,
     LogKeeper,
+    LoopThread,
     NodeZtunnel,
     WorkloadSpec,
     connect,
@@ -55,8 +54,6 @@ from ztunnel.fakeca import FakeCA
 from ztunnel.netns import NetnsExecutor
 
 pytestmark = pytest.mark.timeout(120)
-
-T = TypeVar("T")
 
 NODE_NAME = "node-1"
 NODE_IP = "198.18.0.1"  # on the node's lo: the outside-the-mesh echo lives here
@@ -90,23 +87,6 @@ def _write_config(path: Path) -> Path:
     ]
     path.write_text(json.dumps(config, indent=2))
     return path
-
-
-class LoopThread:
-    """An event loop on a thread of its own, for the fake CNI's ZDS server."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="cni")
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-        self.loop.close()
 
 
 @dataclass

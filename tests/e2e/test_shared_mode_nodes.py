@@ -47,6 +47,7 @@ from mesh import (
     HarnessError,
     HTTPReply,
     LogKeeper,
+    LoopThread,
     NodeZtunnel,
     WorkloadSpec,
     connect,
@@ -58,7 +59,7 @@ from mesh import (
 )
 from netns import PREFIX, Netns, Network, enter
 from pyroute2 import DiagSocket
-from test_shared_mode import READY_WORKLOADS, LoopThread
+from test_shared_mode import READY_WORKLOADS
 
 from controlplane.cni import FakeCNI, Pod
 from ztunnel.core import zds

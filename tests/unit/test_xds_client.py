@@ -281,6 +281,13 @@ async def start_client(
         await h.stop()
 
 
+async def _connected(fake: tuple[FakeADS, int], h: Harness) -> tuple[Harness, FakeStream]:
+    """`h` once its first stream is up and has sent its initial subscriptions."""
+    stream = await fake[0].next_stream()
+    await stream.initial()
+    return h, stream
+
+
 async def _eventually(probe: Callable[[], bool], what: str, within: float = WAIT) -> None:
     """Poll `probe` (cheap, in-memory) until true; fail after `within` seconds."""
     try:
@@ -385,10 +392,7 @@ async def test_no_token_means_no_authorization_header(
 async def test_update_reaches_on_update_and_is_acked_by_nonce(
     fake: tuple[FakeADS, int], start_client: StartClient
 ) -> None:
-    ads, _ = fake
-    h = start_client()
-    stream = await ads.next_stream()
-    await stream.initial()
+    h, stream = await _connected(fake, start_client())
     w = _workload("c//Pod/default/a", "10.0.0.1")
     s = _service("a.example", "10.10.0.1")
     ack = await stream.exchange(_response(ADDRESS_TYPE, "n1", [_addr(w), _addr(s)]))
@@ -406,9 +410,7 @@ async def test_nack_names_each_bad_resource_while_the_valid_ones_apply(
     fake: tuple[FakeADS, int], start_client: StartClient
 ) -> None:
     ads, _ = fake
-    h = start_client()
-    stream = await ads.next_stream()
-    await stream.initial()
+    h, stream = await _connected(fake, start_client())
     good = [_addr(_workload(f"c//Pod/default/w{i}", f"10.0.0.{i}")) for i in range(1, 10)]
     empty = xds_pb2.Resource(name="no-payload", version="v1")
     bad_ip = workload_pb2.Address(
@@ -439,10 +441,7 @@ async def test_nack_names_each_bad_resource_while_the_valid_ones_apply(
 async def test_unknown_type_url_is_acked(
     fake: tuple[FakeADS, int], start_client: StartClient
 ) -> None:
-    ads, _ = fake
-    h = start_client()
-    stream = await ads.next_stream()
-    await stream.initial()
+    h, stream = await _connected(fake, start_client())
     reply = await stream.exchange(_response("type.googleapis.com/example.Unknown", "u1"))
     assert reply.response_nonce == "u1"
     assert not reply.HasField("error_detail")
@@ -452,10 +451,7 @@ async def test_unknown_type_url_is_acked(
 async def test_removals_map_to_workloads_or_services_and_unknown_names_are_ignored(
     fake: tuple[FakeADS, int], start_client: StartClient
 ) -> None:
-    ads, _ = fake
-    h = start_client()
-    stream = await ads.next_stream()
-    await stream.initial()
+    h, stream = await _connected(fake, start_client())
     w = _workload("c//Pod/default/a", "10.0.0.1")
     s = _service("a.example", "10.10.0.1")
     await stream.exchange(_response(ADDRESS_TYPE, "n1", [_addr(w), _addr(s)]))
@@ -486,9 +482,7 @@ async def test_synced_only_once_both_types_are_acked_and_never_on_a_nack(
     fake: tuple[FakeADS, int], start_client: StartClient
 ) -> None:
     ads, _ = fake
-    h = start_client()
-    stream = await ads.next_stream()
-    await stream.initial()
+    h, stream = await _connected(fake, start_client())
     await stream.exchange(_response(ADDRESS_TYPE, "n1", [_addr(_workload("u", "10.0.0.1"))]))
     assert h.synced == 0
     nack = await stream.exchange(
@@ -512,9 +506,7 @@ async def test_state_is_untouched_while_disconnected_and_resync_sends_versions(
     fake: tuple[FakeADS, int], start_client: StartClient
 ) -> None:
     ads, _ = fake
-    h = start_client()
-    stream = await ads.next_stream()
-    await stream.initial()
+    h, stream = await _connected(fake, start_client())
     resources = [_addr(_workload("u1", "10.0.0.1")), _addr(_service("s.example", "10.1.0.1"))]
     await stream.exchange(_response(ADDRESS_TYPE, "n1", resources))
     policy = _auth(_policy("p", 1))
@@ -710,10 +702,7 @@ async def test_on_demand_subscribes_to_nothing_and_syncs_on_authorization_alone(
 async def test_on_demand_request_resolves_on_a_response_naming_it(
     fake: tuple[FakeADS, int], start_client: StartClient
 ) -> None:
-    ads, _ = fake
-    h = start_client(ON_DEMAND)
-    stream = await ads.next_stream()
-    await stream.initial()
+    h, stream = await _connected(fake, start_client(ON_DEMAND))
     w = _workload("c//Pod/default/a", "10.0.0.7")
     by_ip = asyncio.ensure_future(h.client.request("/10.0.0.7"))
     sub = await stream.next_request()
@@ -735,9 +724,7 @@ async def test_on_demand_request_times_out_without_an_answer(
     fake: tuple[FakeADS, int], start_client: StartClient
 ) -> None:
     ads, _ = fake
-    h = start_client(ON_DEMAND)
-    stream = await ads.next_stream()
-    await stream.initial()
+    h, stream = await _connected(fake, start_client(ON_DEMAND))
     assert await h.client.request("/10.9.9.9", timeout=0.2) is False
     assert h.client.dump()["pendingOnDemand"] == []
     # Asked but unanswered names are echoed with an empty version on reconnect.
