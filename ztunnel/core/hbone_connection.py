@@ -162,7 +162,12 @@ class HBONEConnection:
         except FrameViolation as v:
             return self._fail(v.error_code, v.reason)
         events = self._take_deferred()
-        fast = fastdata.try_receive(self._h2, accepted) if accepted and fastdata.SUPPORTED else None
+        frames = self._scanner.data_frames
+        fast = (
+            fastdata.try_receive(self._h2, accepted, frames)
+            if frames is not None and fastdata.SUPPORTED
+            else None
+        )
         if fast is not None:
             for stream_id, payload in fast:
                 self._data(stream_id, payload, len(payload), events)

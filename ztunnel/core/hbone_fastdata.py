@@ -85,11 +85,18 @@ def try_send(
     return True
 
 
-def try_receive(h2: H2Connection, buf: bytes | memoryview) -> list[tuple[int, bytes]] | None:
+Frames = list[tuple[int, int, int]]  # stream id, payload start, payload end
+
+
+def try_receive(
+    h2: H2Connection, buf: bytes | memoryview, frames: Frames | None = None
+) -> list[tuple[int, bytes]] | None:
     """`buf` as (stream_id, payload) if it is only whole flag-less DATA frames h2 would accept.
 
-    On success h2's windows have been charged as its own receive path would; on None nothing
-    changed and the caller hands `buf` to h2.
+    `frames` is that split of `buf` when the caller already walked it (the connection's
+    FrameScanner does); otherwise `buf` is parsed here. On success h2's windows have been
+    charged as its own receive path would; on None nothing changed and the caller hands
+    `buf` to h2.
     """
     conn: Any = h2
     incoming: Any = conn.incoming_buffer
@@ -97,18 +104,8 @@ def try_receive(h2: H2Connection, buf: bytes | memoryview) -> list[tuple[int, by
         return None
     if conn.state_machine.state not in _CONN_OPEN:
         return None
-    n = len(buf)
-    frames: list[tuple[int, int, int]] = []  # stream id, payload start, payload end
-    pos = 0
-    while pos < n:
-        if n - pos < 9 or buf[pos + 3] or buf[pos + 4]:  # partial header, not DATA, or flags
-            return None
-        start = pos + 9
-        end = start + (buf[pos] << 16 | buf[pos + 1] << 8 | buf[pos + 2])
-        if end > n:
-            return None
-        frames.append((int.from_bytes(buf[pos + 5 : start], "big") & 0x7FFFFFFF, start, end))
-        pos = end
+    if frames is None:
+        frames = _data_frames(buf)
     if not frames:
         return None
     conn_window: Any = conn._inbound_flow_control_window_manager
@@ -145,6 +142,22 @@ def try_receive(h2: H2Connection, buf: bytes | memoryview) -> list[tuple[int, by
     for stream, size in streams:
         _charge(conn_window, stream, size)
     return [(sid, bytes(buf[start:end])) for sid, start, end in frames]
+
+
+def _data_frames(buf: bytes | memoryview) -> Frames | None:
+    n = len(buf)
+    frames: Frames = []
+    pos = 0
+    while pos < n:
+        if n - pos < 9 or buf[pos + 3] or buf[pos + 4]:  # partial header, not DATA, or flags
+            return None
+        start = pos + 9
+        end = start + (buf[pos] << 16 | buf[pos + 1] << 8 | buf[pos + 2])
+        if end > n:
+            return None
+        frames.append((int.from_bytes(buf[pos + 5 : start], "big") & 0x7FFFFFFF, start, end))
+        pos = end
+    return frames
 
 
 def _charge(conn_window: Any, stream: Any, size: int) -> None:

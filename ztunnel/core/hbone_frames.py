@@ -75,6 +75,10 @@ class FrameScanner:
         self.max_frame_size = max_frame_size
         self.goaways: list[tuple[int, int]] = []  # (last_stream_id, error_code), caller drains
         self.resets = 0  # premature resets so far
+        # After `feed`: (stream id, payload start, payload end) of each frame of the returned
+        # bytes when they are only whole, flag-less DATA frames (the fast path's input), else
+        # None. Found on the walk the checks make anyway, so the bytes are parsed once.
+        self.data_frames: list[tuple[int, int, int]] | None = None
         self.reset_in_read: set[int] = set()  # streams opened and reset within the last read
         self._opened_in_read: set[int] = set()
         self._server = expect_preface
@@ -84,6 +88,7 @@ class FrameScanner:
         self._goaway: bytearray | None = None  # payload of a GOAWAY being cut out
         self._in_block = False
         self._continuations = 0
+        self._frames: list[tuple[int, int, int]] | None = None
         self._reset_rate = RateWindow(*RESET_RATE)
         self._control_rate = RateWindow(*CONTROL_RATE)
 
@@ -97,7 +102,11 @@ class FrameScanner:
             self.reset_in_read.clear()
         buf = data if isinstance(data, bytes) else memoryview(data).cast("B")
         n = len(buf)
+        frames: list[tuple[int, int, int]] | None = None if self._skip else []
+        self._frames = frames
         pos = self._check_preface(buf) if self._preface_seen < len(PREFACE) else 0
+        if pos:
+            self._frames = None
         cuts: list[tuple[int, int]] = []
         while pos < n:
             if self._skip:
@@ -113,7 +122,9 @@ class FrameScanner:
                 break
             pos = self._frame_header(buf, pos, now, cuts)
         if not cuts and n == len(buf):
+            self.data_frames = self._frames or None
             return buf
+        self.data_frames = None  # offsets would not match the bytes returned
         return _without(memoryview(buf), n, cuts)
 
     def _check_preface(self, buf: bytes | memoryview) -> int:
@@ -130,6 +141,13 @@ class FrameScanner:
         hi, lo, ftype, flags, stream_id = _HEADER.unpack_from(buf, pos)
         length = hi << 8 | lo
         self._check(length, ftype, flags, stream_id & 0x7FFFFFFF, now)
+        frames = self._frames
+        if frames is not None:
+            end = pos + 9 + length
+            if ftype == DATA and not flags and end <= len(buf):
+                frames.append((stream_id & 0x7FFFFFFF, pos + 9, end))
+            else:
+                self._frames = None
         if ftype == GOAWAY:
             if stream_id & 0x7FFFFFFF or length < 8:
                 raise FrameViolation(ErrorCodes.PROTOCOL_ERROR, "malformed GOAWAY")
