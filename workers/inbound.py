@@ -84,7 +84,7 @@ async def _serve_tls(proxy: Proxy, conn: socket.socket) -> None:
     src = sockets.format_addr(sockets.canonical_ip(peer[0]), peer[1])
     dst = sockets.format_addr(dst_ip, dst_port)
     local = proxy.local_workload()
-    cert = proxy.certificate(local) if local is not None else None
+    cert = await proxy.await_certificate(local) if local is not None else None
     if local is None or cert is None:
         why = "no local workload" if local is None else f"no certificate for {local.identity()}"
         log_failed(src, dst, "destination", why)

@@ -39,6 +39,8 @@ OnDemand = Callable[[str], Awaitable[bool]]
 CONNECT_TIMEOUT = 10.0  # upstream CONNECTION_TIMEOUT (src/proxy.rs)
 RESPONSE_TIMEOUT = 10.0  # CONNECT sent, no response: give up on this stream
 CLOSED_ERROR = "connection closed because the proxy was stopped"
+CERT_WAIT = 5.0  # a certificate still on its way from the CA: wait this long, then fail
+CERT_POLL = 0.02
 
 
 @dataclass(slots=True)
@@ -103,6 +105,23 @@ class Proxy:
 
     def certificate(self, w: Workload) -> WorkloadCertificate | None:
         return self.certs().get(w.identity())
+
+    async def await_certificate(self, w: Workload) -> WorkloadCertificate | None:
+        """The workload's certificate, waiting up to CERT_WAIT for one not yet delivered.
+
+        Right after start-up, or for a workload that just arrived, the supervisor may still be
+        fetching it from the CA; upstream's connection waits for that fetch too. Only this
+        miss path polls; a certificate already held is returned at once.
+        """
+        cert = self.certificate(w)
+        if cert is not None:
+            return cert
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CERT_WAIT
+        while cert is None and loop.time() < deadline and not self.closed:
+            await asyncio.sleep(CERT_POLL)
+            cert = self.certificate(w)
+        return cert
 
     # -- listener protocol factories -------------------------------------------------------------
 
@@ -379,11 +398,13 @@ class Proxy:
         source: Workload,
         plan: routing.OutboundPlan,
     ) -> None:
-        cert = self.certificate(source)
+        cert = await self.await_certificate(source)
         if cert is None:
             return self._hbone_failed(
                 acc, conn, f"no certificate for {source.identity()}", "IDENTITY_ERROR"
             )
+        if acc.lost:
+            return self.tracker.closed(conn)
         if plan.kind == "double_hbone":
             return await self._connect_double(acc, leg, conn, source, plan, cert=cert)
         return await self._connect_hbone(acc, leg, conn, source, plan, cert=cert)
